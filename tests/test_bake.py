@@ -1,0 +1,270 @@
+"""BAKE maths against independent float64 references, hand-derived values and properties."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bake_ray.bake import (
+    BakeLoss,
+    LossParts,
+    build_loss,
+    distillation_loss,
+    global_soft_targets,
+    soft_targets,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bake_reference.json"
+
+
+# ------------------------------------------------------------------ float64 numpy reference
+
+
+def numpy_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def numpy_affinity(features: np.ndarray) -> np.ndarray:
+    """Element by element: A_ij = exp(cos_ij) / sum_{k != i} exp(cos_ik), A_ii = 0."""
+    b = features.shape[0]
+    norms = np.sqrt((features**2).sum(axis=1))
+    a = np.zeros((b, b))
+    for i in range(b):
+        cos = [features[i] @ features[j] / (norms[i] * norms[j]) for j in range(b)]
+        denom = sum(np.exp(cos[k]) for k in range(b) if k != i)
+        for j in range(b):
+            a[i, j] = 0.0 if i == j else np.exp(cos[j]) / denom
+    return a
+
+
+def numpy_targets_by_iteration(features, logits, omega, temperature, steps=2000):
+    """Q as the fixed point of Q <- omega A Q + (1 - omega) P (no matrix inverse involved)."""
+    p = numpy_softmax(logits / temperature)
+    a = numpy_affinity(features)
+    q = p.copy()
+    for _ in range(steps):
+        q = omega * a @ q + (1 - omega) * p
+    return q
+
+
+def numpy_kd(logits, targets, temperature):
+    log_p = np.log(numpy_softmax(logits / temperature))
+    kl = (targets * (np.log(targets) - log_p)).sum(axis=1)
+    return temperature**2 * kl.mean()
+
+
+def random_batch(b: int, d: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(b, d)), 3.0 * rng.normal(size=(b, c))
+
+
+# ------------------------------------------------------------------ values
+
+
+@pytest.mark.parametrize(
+    ("b", "omega", "temperature"),
+    [
+        (2, 0.5, 4.0),
+        (3, 0.9, 1.0),
+        (16, 0.5, 4.0),
+        (64, 0.7, 2.0),
+        (256, 0.5, 4.0),
+        (8, 0.5, 100.0),
+    ],
+)
+def test_soft_targets_match_float64_iteration(b, omega, temperature):
+    features, logits = random_batch(b, 12, 7, seed=b)
+    expected = numpy_targets_by_iteration(features, logits, omega, temperature)
+    got = soft_targets(torch.from_numpy(features), torch.from_numpy(logits), omega, temperature)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_two_images_match_hand_derivation():
+    """B=2: A = [[0,1],[1,0]], so Q_0 = (P_0 + omega P_1) / (1 + omega)."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]], dtype=torch.float64)
+    features = torch.tensor([[1.0, 0.0], [0.3, 0.7]], dtype=torch.float64)
+    omega, t = 0.5, 4.0
+    p = torch.softmax(logits / t, dim=1)
+    expected = torch.stack(
+        [(p[0] + omega * p[1]) / (1 + omega), (p[1] + omega * p[0]) / (1 + omega)]
+    )
+    torch.testing.assert_close(
+        soft_targets(features, logits, omega, t), expected, rtol=0, atol=1e-15
+    )
+
+
+def test_distillation_loss_matches_float64_reference():
+    features, logits = random_batch(32, 8, 10, seed=3)
+    q = numpy_targets_by_iteration(features, logits, 0.5, 4.0)
+    got = distillation_loss(torch.from_numpy(logits), torch.from_numpy(q), 4.0)
+    assert got.item() == pytest.approx(numpy_kd(logits, q, 4.0), abs=1e-12)
+
+
+def test_against_stored_fixture():
+    """Pre-computed float64 values (see tests/fixtures/make_bake_reference.py) guard regressions."""
+    ref = json.loads(FIXTURE.read_text())
+    features = torch.tensor(ref["features"], dtype=torch.float64)
+    logits = torch.tensor(ref["logits"], dtype=torch.float64)
+    q = soft_targets(features, logits, ref["omega"], ref["temperature"])
+    np.testing.assert_allclose(q.numpy(), np.array(ref["targets"]), rtol=0, atol=1e-12)
+    kd = distillation_loss(logits, q, ref["temperature"])
+    assert kd.item() == pytest.approx(ref["kd"], abs=1e-12)
+
+
+def test_float32_inputs_close_to_float64():
+    features, logits = random_batch(128, 32, 100, seed=5)
+    exact = numpy_targets_by_iteration(features, logits, 0.5, 4.0)
+    got = soft_targets(
+        torch.from_numpy(features).float(), torch.from_numpy(logits).float(), 0.5, 4.0
+    )
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), exact, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_ensembled_in_float32(dtype):
+    features, logits = random_batch(64, 16, 10, seed=6)
+    f_half, z_half = torch.from_numpy(features).to(dtype), torch.from_numpy(logits).to(dtype)
+    got = soft_targets(f_half, z_half, 0.5, 4.0)
+    assert got.dtype == torch.float32
+    # The reference sees the same rounded inputs, so only float32 arithmetic error remains.
+    exact = numpy_targets_by_iteration(f_half.double().numpy(), z_half.double().numpy(), 0.5, 4.0)
+    np.testing.assert_allclose(got.numpy(), exact, atol=2e-6)
+    loss = BakeLoss()(f_half, z_half, torch.zeros(64, dtype=torch.long))
+    assert torch.isfinite(loss.total) and loss.kd.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(2, 40),
+    c=st.integers(2, 12),
+    omega=st.floats(0.0, 0.99),
+    temperature=st.floats(0.05, 50.0),
+    seed=st.integers(0, 10_000),
+)
+def test_rows_are_distributions(b, c, omega, temperature, seed):
+    features, logits = random_batch(b, 5, c, seed)
+    q = soft_targets(torch.from_numpy(features), torch.from_numpy(logits), omega, temperature)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(b, dtype=torch.float64))
+    assert (q >= 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 30), temperature=st.floats(0.1, 20.0), seed=st.integers(0, 10_000))
+def test_omega_zero_gives_tempered_softmax(b, temperature, seed):
+    features, logits = random_batch(b, 5, 6, seed)
+    z = torch.from_numpy(logits)
+    q = soft_targets(torch.from_numpy(features), z, 0.0, temperature)
+    torch.testing.assert_close(q, torch.softmax(z / temperature, dim=1), rtol=0, atol=1e-15)
+
+
+def test_affinity_excludes_self_even_for_identical_images():
+    """Duplicates must not attend to themselves: with all features equal, A = (J - I)/(B-1)."""
+    features = torch.ones(4, 3, dtype=torch.float64)
+    logits = torch.eye(4, dtype=torch.float64)
+    omega = 0.5
+    q = soft_targets(features, logits, omega, 1.0)
+    a = (torch.ones(4, 4, dtype=torch.float64) - torch.eye(4, dtype=torch.float64)) / 3
+    p = torch.softmax(logits, dim=1)
+    expected = (1 - omega) * torch.linalg.inv(torch.eye(4, dtype=torch.float64) - omega * a) @ p
+    torch.testing.assert_close(q, expected)
+
+
+def test_large_temperature_flattens_targets():
+    features, logits = random_batch(8, 4, 5, seed=9)
+    q = soft_targets(torch.from_numpy(features), torch.from_numpy(logits), 0.5, 1e6)
+    np.testing.assert_allclose(q.numpy(), np.full((8, 5), 0.2), atol=1e-5)
+
+
+def test_gradients_flow_only_into_student_logits():
+    features = torch.randn(16, 8, requires_grad=True)
+    logits = torch.randn(16, 5, requires_grad=True)
+    targets = soft_targets(features, logits, 0.5, 4.0)
+    assert not targets.requires_grad
+    kd = distillation_loss(logits, targets, 4.0)
+    kd.backward()
+    assert features.grad is None  # KD never reaches the features
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    # The gradient equals that of KL against a constant target: T * (softmax(z/T) - Q) / B.
+    expected = 4.0 * (torch.softmax(logits.detach() / 4.0, dim=1) - targets) / 16
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_bake_loss_parts_and_weighting():
+    torch.manual_seed(0)
+    features, logits = torch.randn(8, 6), torch.randn(8, 4)
+    labels = torch.randint(0, 4, (8,))
+    parts = BakeLoss(temperature=2.0, omega=0.3, loss_weight=2.5)(features, logits, labels)
+    assert isinstance(parts, LossParts)
+    expected_ce = torch.nn.functional.cross_entropy(logits, labels)
+    expected_kd = distillation_loss(logits, soft_targets(features, logits, 0.3, 2.0), 2.0)
+    torch.testing.assert_close(parts.ce, expected_ce)
+    torch.testing.assert_close(parts.kd, expected_kd)
+    torch.testing.assert_close(parts.total, expected_ce + 2.5 * expected_kd)
+
+
+def test_baselines_share_the_interface():
+    features, logits, labels = torch.randn(8, 6), torch.randn(8, 4), torch.randint(0, 4, (8,))
+    ce = build_loss("ce")(features, logits, labels)
+    smooth = build_loss("label_smoothing", label_smoothing=0.2)(features, logits, labels)
+    assert ce.kd.item() == 0.0 and ce.total.item() == ce.ce.item()
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    torch.testing.assert_close(smooth.total, expected)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_loss("mixup")
+
+
+@pytest.mark.parametrize(("omega", "temperature"), [(1.0, 4.0), (-0.1, 4.0), (0.5, 0.0)])
+def test_invalid_hyperparameters_rejected(omega, temperature):
+    with pytest.raises(ValueError):
+        soft_targets(torch.randn(4, 3), torch.randn(4, 2), omega, temperature)
+
+
+# ------------------------------------------------------------------ global ensembling
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, features, logits, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        b = features.shape[0] // world
+        mine = slice(rank * b, (rank + 1) * b)
+        q = global_soft_targets(features[mine], logits[mine], 0.6, 3.0)
+        local_only = soft_targets(features[mine], logits[mine], 0.6, 3.0)
+        torch.save({"global": q, "local": local_only}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_equal_single_process_on_concatenated_batch(tmp_path):
+    torch.manual_seed(1)
+    features, logits = torch.randn(24, 10), torch.randn(24, 6) * 3
+    mp.spawn(_worker, args=(2, _free_port(), features, logits, str(tmp_path)), nprocs=2)
+    single = soft_targets(features, logits, 0.6, 3.0)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(torch.cat([p["global"] for p in parts]), single, rtol=0, atol=1e-6)
+    # And the global batch really changes the targets compared to per-worker ensembling.
+    local = torch.cat([p["local"] for p in parts])
+    assert (local - single).abs().max() > 1e-3

@@ -1,0 +1,100 @@
+"""Config: every error path is one line naming the key; overrides and YAML round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bake_ray import config as cfg
+from bake_ray.config import Config, ConfigError
+
+
+def test_defaults_are_valid_and_paper_bake_values():
+    c = cfg.load()
+    assert (c.bake.temperature, c.bake.omega, c.bake.loss_weight) == (4.0, 0.5, 1.0)
+    assert c.data.dataset == "digits" and c.runtime.workers == 0
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nbake:\n  omega: 0.2\n")
+    c = cfg.load(path, ["bake.omega=0.7", "optim.lr=1e-3", "data.data_dir=null"])
+    assert c.epochs == 3 and c.bake.omega == 0.7 and c.optim.lr == 1e-3
+
+
+def test_saved_config_round_trips(tmp_path):
+    c = cfg.load(overrides=["bake.temperature=2", "optim.milestones=[0.3, 0.6]"])
+    cfg.save(c, tmp_path / "config.yaml")
+    assert cfg.load(tmp_path / "config.yaml") == c
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert cfg.load(overrides=["bake.temperature=3"]).bake.temperature == 3.0
+    with pytest.raises(ConfigError, match=r"^epochs: expected int, got 2.5$"):
+        cfg.load(overrides=["epochs=2.5"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bake.omega=1.0", r"bake\.omega: must be in \[0, 1\), got 1\.0"),
+        ("bake.omega=-0.1", r"bake\.omega: must be in \[0, 1\)"),
+        ("bake.temperature=0", r"bake\.temperature: must be > 0"),
+        ("bake.loss_weight=-1", r"bake\.loss_weight: must be >= 0"),
+        ("bake.temperature=.nan", r"bake\.temperature: must be a finite number"),
+        (
+            "data.batch_size=31",
+            r"data\.batch_size: 31 must be divisible by data\.same_class \+ 1 = 2",
+        ),
+        ("data.dataset=mnist", r"data\.dataset: unknown 'mnist'"),
+        ("model.name=vgg", r"model\.name: unknown 'vgg'"),
+        ("method=mixup", r"method: unknown 'mixup'"),
+        ("epochs=0", r"epochs: must be >= 1"),
+        ("optim.lr=0", r"optim\.lr: must be > 0"),
+        ("optim.schedule=poly", r"optim\.schedule: unknown 'poly'"),
+        ("optim.milestones=[0.8, 0.2]", r"optim\.milestones: must be increasing"),
+        ("optim.warmup_epochs=20", r"optim\.warmup_epochs: must be in \[0, epochs=15\)"),
+        ("data.val_fraction=0", r"data\.val_fraction: must be in \(0, 0\.5\]"),
+        ("data.dataset=imagefolder", r"data\.data_dir: required for data\.dataset=imagefolder"),
+        ("runtime.workers=-1", r"runtime\.workers: must be >= 0"),
+        ("bake.tau=2", r"bake\.tau: unknown key; allowed: "),
+        ("colour=red", r"colour: unknown key"),
+        ("bake=3", r"bake: expected a mapping"),
+        ("data.download=yes please", r"data\.download: expected bool"),
+        ("bake.omega", r"--set 'bake\.omega': expected key=value"),
+        ("bake.omega=[1,", r"--set bake\.omega: cannot parse value"),
+    ],
+)
+def test_every_error_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        cfg.load(overrides=[override])
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bake: {omega: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML") as info:
+        cfg.load(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        cfg.load(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        cfg.load(listing)
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    """A hostile config must not run code: safe_load refuses python/* tags."""
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("seed: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        cfg.load(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_flatten_and_to_dict():
+    flat = cfg.flatten(cfg.to_dict(Config()))
+    assert flat["bake.omega"] == 0.5 and flat["optim.milestones"] == [0.5, 0.75]
+    assert yaml.safe_load(yaml.safe_dump(cfg.to_dict(Config())))["method"] == "bake"
