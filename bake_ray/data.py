@@ -1,0 +1,717 @@
+"""Datasets, transforms, seeded splits, and BAKE's class-aware (distributed) batch sampler.
+
+BAKE only works if every mini-batch holds several images of the same class: an anchor image is
+followed by ``M = same_class`` other images of its class, so a batch of ``N = batch_size`` images
+holds ``N / (M + 1)`` anchors (DESIGN.md section 1). :class:`ClassAwareBatchSampler` builds such
+batches, makes every training image an anchor once per epoch, and shards the anchors across
+data-parallel ranks with equal, full batches (the all-gather of global ensembling needs them).
+
+All randomness that decides *which* images are used (test split of ``digits``, ``train_subset``,
+the validation split, the batches) comes from ``torch.Generator`` objects seeded from the run
+seed, never from the global RNG, so a run (and a resumed run, given the epoch) is reproducible.
+Augmentation uses the loader's RNG as usual.
+
+No Ray and no MLflow here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision import datasets, transforms
+
+from bake_ray.config import ConfigError, DataConfig
+
+Transform = Callable[[Any], Any]
+
+#: Where Debian's ``dataset-fashion-mnist`` package installs the raw IDX files.
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: The four IDX files torchvision's FashionMNIST reader expects (uncompressed names).
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+#: ``digits`` has no official test split: this fixed seed makes the same one for every run.
+DIGITS_TEST_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+#: Default training resolution for ``imagefolder`` when the images are large enough.
+IMAGEFOLDER_IMAGE_SIZE = 224
+#: Below this size ``imagefolder`` uses CIFAR-style crops instead of RandomResizedCrop.
+SMALL_IMAGE_SIZE = 128
+
+_DIGITS_STATS = ((0.3053,), (0.3760,))
+_FASHION_STATS = ((0.2860,), (0.3530,))
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from (run seed, purpose, epoch...): distinct streams never collide.
+
+    ``seed + epoch`` would make (seed=0, epoch=1) and (seed=1, epoch=0) share batches, so
+    the parts are hashed instead.
+    """
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The three datasets of a run plus what the sampler and the model need to know."""
+
+    train: Dataset  # training transforms (augmentation)
+    val: Dataset  # held out of the training set, eval transforms
+    test: Dataset  # eval transforms
+    train_labels: list[int]  # labels of `train`, in index order (for the sampler)
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+class TransformedSubset(Dataset):
+    """``Subset`` that applies its own transform to the untransformed base items.
+
+    The training and validation splits share one base dataset (loaded once, kept in memory
+    once) but need different transforms: augmentation for training, none for validation.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Transform) -> None:
+        self.dataset = base
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.dataset[self.indices[i]]
+        return self.transform(image), int(label)
+
+
+class TensorImages(Dataset):
+    """In-memory images ``[N, C, H, W]`` (float) with integer labels; no transform of its own."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.targets = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+def stratified_sample(labels: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """Sorted indices of ``count`` items drawn so that every class keeps its share.
+
+    Each class gets ``floor(count * n_c / n)`` items; the few left over go to the classes with
+    the largest remainders (ties broken at random). Unlike scikit-learn's splitter this works
+    for any ``count`` (even fewer than the number of classes), which tiny test data needs.
+    """
+    n = labels.numel()
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot draw {count} of {n} items")
+    counts = torch.bincount(labels)
+    quota = count * counts // n
+    remainder = count * counts % n
+    missing = count - int(quota.sum())
+    if missing:
+        order = torch.randperm(len(counts), generator=generator)
+        by_remainder = torch.sort(remainder[order], descending=True, stable=True).indices
+        quota[order[by_remainder[:missing]]] += 1
+    by_class = torch.sort(labels, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    chosen = []
+    for cls in torch.nonzero(quota).flatten().tolist():
+        members = by_class[starts[cls] : starts[cls] + counts[cls]]
+        pick = torch.randperm(len(members), generator=generator)[: int(quota[cls])]
+        chosen.append(members[pick])
+    if not chosen:
+        return torch.empty(0, dtype=torch.long)
+    return torch.sort(torch.cat(chosen)).values
+
+
+def _complement(n: int, taken: Tensor) -> Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[taken] = False
+    return torch.nonzero(keep).flatten()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One dataset before splitting: untransformed train pool, test set, and transforms."""
+
+    pool: Dataset
+    pool_labels: Tensor
+    test: Dataset
+    train_tf: Transform
+    eval_tf: Transform
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def _train_val_indices(labels: Tensor, cfg: DataConfig, seed: int) -> tuple[Tensor, Tensor]:
+    """Apply ``train_subset`` (a cap), then hold out ``val_fraction`` of what is left.
+
+    Both draws are stratified and seeded by the run seed (separate streams).
+    """
+    pool = torch.arange(labels.numel())
+    if cfg.train_subset is not None and cfg.train_subset < len(pool):
+        pool = stratified_sample(labels, cfg.train_subset, _generator(seed, "train_subset"))
+    n_val = round(cfg.val_fraction * len(pool))
+    if n_val >= len(pool):
+        raise ConfigError(
+            f"data.val_fraction: {cfg.val_fraction} leaves no training images out of {len(pool)}"
+        )
+    val_pos = stratified_sample(labels[pool], n_val, _generator(seed, "val_split"))
+    return pool[_complement(len(pool), val_pos)], pool[val_pos]
+
+
+def build_splits(cfg: DataConfig, seed: int, *, image_size: int | None = None) -> DataSplits:
+    """Load ``cfg.dataset`` and split it into train / val (held out of train) / test.
+
+    ``image_size`` only matters for ``imagefolder`` (default: derived from the first training
+    image, at most :data:`IMAGEFOLDER_IMAGE_SIZE`); the other datasets have a fixed size.
+    """
+    check_data_available(cfg)
+    source = _load_source(cfg, image_size)
+    train_idx, val_idx = _train_val_indices(source.pool_labels, cfg, seed)
+    return DataSplits(
+        train=TransformedSubset(source.pool, train_idx.tolist(), source.train_tf),
+        val=TransformedSubset(source.pool, val_idx.tolist(), source.eval_tf),
+        test=source.test,
+        train_labels=source.pool_labels[train_idx].tolist(),
+        num_classes=source.num_classes,
+        in_channels=source.in_channels,
+        image_size=source.image_size,
+    )
+
+
+def _load_source(cfg: DataConfig, image_size: int | None) -> _Source:
+    loaders: dict[str, Callable[[], _Source]] = {
+        "digits": _digits,
+        "fashion_mnist": lambda: _fashion_mnist(cfg),
+        "cifar10": lambda: _cifar(cfg, datasets.CIFAR10, 10, _CIFAR10_STATS),
+        "cifar100": lambda: _cifar(cfg, datasets.CIFAR100, 100, _CIFAR100_STATS),
+        "imagefolder": lambda: _imagefolder(cfg, image_size),
+    }
+    if cfg.dataset not in loaders:
+        raise ConfigError(f"data.dataset: unknown {cfg.dataset!r}; one of {tuple(loaders)}")
+    return loaders[cfg.dataset]()
+
+
+def _whole(dataset: Dataset, transform: Transform) -> TransformedSubset:
+    return TransformedSubset(dataset, range(len(dataset)), transform)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _digits() -> _Source:
+    """scikit-learn's 8x8 digits (1797 images), with a fixed stratified 20% test split."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(raw.target, dtype=torch.long)
+    n_test = round(DIGITS_TEST_FRACTION * len(labels))
+    test_idx = stratified_sample(labels, n_test, _generator(DIGITS_TEST_SEED, "digits_test"))
+    pool_idx = _complement(len(labels), test_idx)
+    normalize = transforms.Normalize(*_DIGITS_STATS)
+    # A one-pixel shift is the only augmentation that suits 8x8 digits (no flips).
+    train_tf = transforms.Compose([transforms.RandomCrop(8, padding=1), normalize])
+    test = TensorImages(images[test_idx], labels[test_idx])
+    return _Source(
+        pool=TensorImages(images[pool_idx], labels[pool_idx]),
+        pool_labels=labels[pool_idx],
+        test=_whole(test, normalize),
+        train_tf=train_tf,
+        eval_tf=normalize,
+        num_classes=10,
+        in_channels=1,
+        image_size=8,
+    )
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def cache_dir() -> Path:
+    """Private, writable cache for bake-ray (``$BAKE_RAY_CACHE``, else ``~/.cache/bake_ray``)."""
+    if os.environ.get("BAKE_RAY_CACHE"):
+        return Path(os.environ["BAKE_RAY_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bake_ray"
+
+
+def _default_root() -> Path:
+    """Where torchvision downloads go when ``data.data_dir`` is null."""
+    return cache_dir() / "datasets"
+
+
+def _has_idx_files(folder: Path) -> bool:
+    return all(
+        (folder / name).is_file() or (folder / f"{name}.gz").is_file()
+        for name in FASHION_MNIST_FILES
+    )
+
+
+def _fashion_source_dir(cfg: DataConfig) -> Path | None:
+    """The folder holding the four IDX files (plain or .gz), or None."""
+    if cfg.data_dir is None:
+        candidates = [DEBIAN_FASHION_MNIST_DIR]
+    else:
+        root = Path(cfg.data_dir).expanduser()
+        candidates = [root, root / "FashionMNIST" / "raw"]
+    return next((c for c in candidates if _has_idx_files(c)), None)
+
+
+def _materialise_file(src_dir: Path, raw: Path, name: str) -> None:
+    """Make ``raw/name`` an uncompressed IDX file: a symlink, or a one-time decompression.
+
+    torchvision reads the uncompressed names with plain ``open``; Debian ships .gz files in
+    a read-only folder, hence the private copy. Written to a temporary name and renamed, so
+    concurrent workers on one host never see a half-written file.
+    """
+    target = raw / name
+    plain, packed = src_dir / name, src_dir / f"{name}.gz"
+    if plain.is_file():
+        if not target.exists():
+            tmp = raw / f".{name}.{os.getpid()}.link"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(plain.resolve())
+            os.replace(tmp, target)
+        return
+    if target.is_file() and target.stat().st_mtime >= packed.stat().st_mtime:
+        return
+    tmp = raw / f".{name}.{os.getpid()}.tmp"
+    with gzip.open(packed, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, length=1 << 20)
+    os.replace(tmp, target)
+
+
+def fashion_mnist_root(cfg: DataConfig) -> Path:
+    """A torchvision root (``<root>/FashionMNIST/raw/<idx files>``) for ``cfg``.
+
+    A ``data_dir`` that already is a torchvision tree with uncompressed files is used as is;
+    otherwise the files found (Debian's, by default) are linked or decompressed into a
+    private root under :func:`cache_dir`, keyed by the source folder.
+    """
+    src = _fashion_source_dir(cfg)
+    if src is None:
+        if cfg.download:
+            return Path(cfg.data_dir).expanduser() if cfg.data_dir else _default_root()
+        raise ConfigError(_fashion_missing_message(cfg))
+    if src.parent.name == "FashionMNIST" and all((src / n).is_file() for n in FASHION_MNIST_FILES):
+        return src.parent.parent
+    key = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:12]
+    root = cache_dir() / "fashion_mnist" / key
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        _materialise_file(src, raw, name)
+    return root
+
+
+def _fashion_missing_message(cfg: DataConfig) -> str:
+    where = (
+        f"data.data_dir={cfg.data_dir} (nor in its FashionMNIST/raw)"
+        if cfg.data_dir
+        else str(DEBIAN_FASHION_MNIST_DIR)
+    )
+    return (
+        f"data.dataset=fashion_mnist: IDX files not found in {where}; install the Debian "
+        "package dataset-fashion-mnist, set data.data_dir, or set data.download=true"
+    )
+
+
+def _fashion_mnist(cfg: DataConfig) -> _Source:
+    """Fashion-MNIST via torchvision's own reader; standard crop + flip augmentation."""
+    root = str(fashion_mnist_root(cfg))
+    pool = datasets.FashionMNIST(root, train=True, download=cfg.download)
+    test = datasets.FashionMNIST(root, train=False, download=cfg.download)
+    normalize = [transforms.ToTensor(), transforms.Normalize(*_FASHION_STATS)]
+    train_tf = transforms.Compose(
+        [transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(), *normalize]
+    )
+    eval_tf = transforms.Compose(normalize)
+    return _Source(
+        pool,
+        pool.targets.clone().long(),
+        _whole(test, eval_tf),
+        train_tf,
+        eval_tf,
+        num_classes=10,
+        in_channels=1,
+        image_size=28,
+    )
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def _cifar_root(cfg: DataConfig, cls: type[datasets.CIFAR10]) -> Path:
+    """``data_dir`` (or the default root); the batches folder itself is accepted too."""
+    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else _default_root()
+    return root.parent if root.name == cls.base_folder else root
+
+
+def _cifar_files(cls: type[datasets.CIFAR10]) -> list[str]:
+    return [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+def _cifar(
+    cfg: DataConfig,
+    cls: type[datasets.CIFAR10],
+    num_classes: int,
+    stats: tuple[tuple[float, ...], tuple[float, ...]],
+) -> _Source:
+    """CIFAR-10/100 via torchvision (which verifies the md5 of every batch file)."""
+    root = str(_cifar_root(cfg, cls))
+    pool = cls(root, train=True, download=cfg.download)
+    test = cls(root, train=False, download=cfg.download)
+    normalize = [transforms.ToTensor(), transforms.Normalize(*stats)]
+    train_tf = transforms.Compose(
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *normalize]
+    )
+    eval_tf = transforms.Compose(normalize)
+    return _Source(
+        pool,
+        torch.tensor(pool.targets, dtype=torch.long),
+        _whole(test, eval_tf),
+        train_tf,
+        eval_tf,
+        num_classes=num_classes,
+        in_channels=3,
+        image_size=32,
+    )
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def _derive_image_size(folder: datasets.ImageFolder) -> int:
+    """Never upsample by default: min(shorter side of the first image, 224)."""
+    with Image.open(folder.samples[0][0]) as first:
+        return min(IMAGEFOLDER_IMAGE_SIZE, *first.size)
+
+
+def imagefolder_transforms(size: int) -> tuple[Transform, Transform]:
+    """(train, eval) transforms: ImageNet-style for large images, CIFAR-style for small ones.
+
+    RandomResizedCrop's 8%-area crops destroy 64x64 images (TinyImageNet), so below
+    :data:`SMALL_IMAGE_SIZE` training uses a padded random crop instead.
+    """
+    normalize = [transforms.ToTensor(), transforms.Normalize(*_IMAGENET_STATS)]
+    resize = round(size * 256 / 224)
+    eval_tf = transforms.Compose(
+        [transforms.Resize(resize), transforms.CenterCrop(size), *normalize]
+    )
+    if size >= SMALL_IMAGE_SIZE:
+        crop = [transforms.RandomResizedCrop(size)]
+    else:
+        crop = [
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.RandomCrop(size, padding=size // 8),
+        ]
+    train_tf = transforms.Compose([*crop, transforms.RandomHorizontalFlip(), *normalize])
+    return train_tf, eval_tf
+
+
+def _imagefolder(cfg: DataConfig, image_size: int | None) -> _Source:
+    """``<data_dir>/train/<class>/*`` (train and val split), ``<data_dir>/val/<class>/*`` (test)."""
+    root = Path(str(cfg.data_dir)).expanduser()
+    pool = datasets.ImageFolder(str(root / "train"))
+    test = datasets.ImageFolder(str(root / "val"))
+    if test.classes != pool.classes:
+        raise ConfigError(
+            f"data.data_dir: class folders of {root / 'val'} differ from those of {root / 'train'}"
+        )
+    size = image_size or _derive_image_size(pool)
+    train_tf, eval_tf = imagefolder_transforms(size)
+    return _Source(
+        pool,
+        torch.tensor(pool.targets, dtype=torch.long),
+        _whole(test, eval_tf),
+        train_tf,
+        eval_tf,
+        num_classes=len(pool.classes),
+        in_channels=3,
+        image_size=size,
+    )
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def check_data_available(cfg: DataConfig) -> None:
+    """Raise a one-line :class:`ConfigError` if the data cannot be found; file checks only.
+
+    Runs before any compute (and before Ray starts workers) so a missing dataset fails fast.
+    With ``download=true`` missing torchvision files are fine: torchvision will fetch them.
+    """
+    checks: dict[str, Callable[[DataConfig], None]] = {
+        "digits": lambda c: None,  # ships with scikit-learn; data_dir is ignored
+        "fashion_mnist": _check_fashion_mnist,
+        "cifar10": lambda c: _check_cifar(c, datasets.CIFAR10),
+        "cifar100": lambda c: _check_cifar(c, datasets.CIFAR100),
+        "imagefolder": _check_imagefolder,
+    }
+    if cfg.dataset not in checks:
+        raise ConfigError(f"data.dataset: unknown {cfg.dataset!r}; one of {tuple(checks)}")
+    if cfg.data_dir is not None and cfg.dataset != "digits":
+        _check_data_dir(cfg.data_dir, may_be_created=cfg.download)
+    checks[cfg.dataset](cfg)
+
+
+def _check_data_dir(data_dir: str, may_be_created: bool) -> None:
+    path = Path(data_dir).expanduser()
+    if not path.exists() and not may_be_created:
+        raise ConfigError(f"data.data_dir: {data_dir} does not exist")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data.data_dir: {data_dir} is not a directory")
+
+
+def _check_fashion_mnist(cfg: DataConfig) -> None:
+    if not cfg.download and _fashion_source_dir(cfg) is None:
+        raise ConfigError(_fashion_missing_message(cfg))
+
+
+def _check_cifar(cfg: DataConfig, cls: type[datasets.CIFAR10]) -> None:
+    if cfg.download:
+        return
+    folder = _cifar_root(cfg, cls) / cls.base_folder
+    missing = [name for name in _cifar_files(cls) if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"data.dataset={cfg.dataset}: {', '.join(missing)} not found in {folder}; set "
+            f"data.data_dir to the folder that contains {cls.base_folder}/ or data.download=true"
+        )
+
+
+def _check_imagefolder(cfg: DataConfig) -> None:
+    if cfg.data_dir is None:
+        raise ConfigError("data.data_dir: required for data.dataset=imagefolder")
+    root = Path(cfg.data_dir).expanduser()
+    for part in ("train", "val"):
+        if not (root / part).is_dir():
+            raise ConfigError(
+                f"data.data_dir: {root / part} not found; imagefolder needs "
+                "<data_dir>/train/<class>/... and <data_dir>/val/<class>/..."
+            )
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def check_batch_shape(batch_size: int, same_class: int) -> int:
+    """Anchors per batch, ``N / (M + 1)``; a ConfigError if N is not a multiple of M + 1."""
+    if same_class < 0:
+        raise ConfigError(f"data.same_class: must be >= 0, got {same_class}")
+    if batch_size < 1 or batch_size % (same_class + 1):
+        raise ConfigError(
+            f"data.batch_size: {batch_size} must be a positive multiple of data.same_class + 1 "
+            f"= {same_class + 1}"
+        )
+    return batch_size // (same_class + 1)
+
+
+class ClassAwareBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` indices: each anchor followed by ``same_class`` classmates.
+
+    Per epoch, all indices are shuffled with a generator seeded from (seed, epoch); this one
+    permutation (identical on every rank) is padded by wrapping around to its start, like
+    ``DistributedSampler``, until it fills ``world_size * len(self)`` full batches; rank ``r``
+    takes the ``r``-th contiguous slice. So ranks get disjoint anchors (apart from the
+    wrap-around padding), equal batch counts, and full batches; every image is an anchor at
+    least once per epoch, exactly once when the sizes divide.
+
+    The ``same_class`` partners of an anchor are drawn uniformly without replacement from the
+    other images of its class; from a class with too few others, all of them are used and
+    then repeated; an image alone in its class is repeated itself. ``same_class=0`` gives
+    plain shuffled batches.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | Tensor,
+        batch_size: int,
+        same_class: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.anchors_per_batch = check_batch_shape(batch_size, same_class)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if self.labels.numel() == 0:
+            raise ValueError("ClassAwareBatchSampler needs at least one training image")
+        self.batch_size = batch_size
+        self.same_class = same_class
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._by_class = torch.sort(self.labels, stable=True).indices
+        self._count = torch.bincount(self.labels)
+        self._start = torch.cumsum(self._count, 0) - self._count
+        position = torch.empty_like(self.labels)
+        position[self._by_class] = (
+            torch.arange(len(self.labels)) - self._start[self.labels[self._by_class]]
+        )
+        self._position = position  # rank of each image within its class
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch (the same on every rank)."""
+        return math.ceil(len(self.labels) / (self.world_size * self.anchors_per_batch))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffle; call before iterating, on every rank, with the same value."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = _generator(self.seed, "batches", self.epoch)
+        anchors = self._padded_permutation(generator)
+        partners = self._partners(anchors, generator)  # for all ranks: same RNG use everywhere
+        per_rank = len(anchors) // self.world_size
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        rows = torch.cat([anchors[mine, None], partners[mine]], dim=1)
+        yield from rows.reshape(-1, self.batch_size).tolist()
+
+    def _padded_permutation(self, generator: torch.Generator) -> Tensor:
+        n = len(self.labels)
+        perm = torch.randperm(n, generator=generator)
+        total = len(self) * self.world_size * self.anchors_per_batch
+        return perm.repeat(math.ceil(total / n))[:total]
+
+    def _partners(self, anchors: Tensor, generator: torch.Generator) -> Tensor:
+        """``[A, same_class]`` dataset indices of each anchor's classmates."""
+        m = self.same_class
+        cls = self.labels[anchors]
+        size = self._count[cls]
+        own = self._position[anchors]
+        offsets = own[:, None].repeat(1, m)  # singleton classes: the anchor itself
+        roomy = size - 1 >= m
+        if m and roomy.any():
+            offsets[roomy] = _distinct_offsets(own[roomy], size[roomy], m, generator)
+        for i in torch.nonzero(~roomy & (size > 1)).flatten().tolist():
+            offsets[i] = _cycled_offsets(int(own[i]), int(size[i]), m, generator)
+        return self._by_class[self._start[cls][:, None] + offsets]
+
+
+def _distinct_offsets(exclude: Tensor, size: Tensor, m: int, generator: torch.Generator) -> Tensor:
+    """Per row, ``m`` distinct uniform offsets in ``[0, size)`` avoiding ``exclude``.
+
+    Vectorised sequential sampling: the k-th draw picks the j-th value not yet taken, found by
+    stepping j over the taken values in ascending order. O(A * m^2), no per-class loops, so
+    it stays cheap for ImageNet-sized classes.
+    """
+    taken = exclude[:, None]
+    for k in range(m):
+        free = (size - 1 - k).double()
+        pick = (torch.rand(len(size), generator=generator, dtype=torch.float64) * free).long()
+        for column in torch.sort(taken, dim=1).values.unbind(1):
+            pick = pick + (pick >= column).long()
+        taken = torch.cat([taken, pick[:, None]], dim=1)
+    return taken[:, 1:]
+
+
+def _cycled_offsets(own: int, size: int, m: int, generator: torch.Generator) -> Tensor:
+    """All ``size - 1`` classmates in random order, repeated to length ``m`` (small classes)."""
+    others = torch.tensor([j for j in range(size) if j != own])
+    order = others[torch.randperm(len(others), generator=generator)]
+    return order.repeat(math.ceil(m / len(order)))[:m]
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """The three loaders of a run; call ``train_sampler.set_epoch(e)`` before each epoch."""
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    train_sampler: ClassAwareBatchSampler
+
+
+def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """Rank ``r``'s strided share ``r, r + W, ...`` of an eval set, without padding.
+
+    No padding, so summing (correct, count) over ranks gives the exact full-set accuracy.
+    """
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, range(rank, len(dataset), world_size))
+
+
+def build_loaders(
+    splits: DataSplits,
+    cfg: DataConfig,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    eval_shard: bool = False,
+) -> Loaders:
+    """Training loader with the class-aware sampler (sharded by rank), and eval loaders.
+
+    By default every rank evaluates the full val and test sets (simple, and identical numbers
+    on every rank). With ``eval_shard=True`` each rank gets a disjoint strided share and the
+    caller must sum (correct, count) across ranks.
+    """
+    sampler = ClassAwareBatchSampler(
+        splits.train_labels, cfg.batch_size, cfg.same_class, seed, rank, world_size
+    )
+    options: dict[str, Any] = {
+        "num_workers": cfg.loader_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": cfg.loader_workers > 0,
+    }
+    train = DataLoader(
+        splits.train, batch_sampler=sampler, generator=_generator(seed, "loader", rank), **options
+    )
+
+    def evaluation(dataset: Dataset, name: str) -> DataLoader:
+        part = shard(dataset, rank, world_size) if eval_shard else dataset
+        return DataLoader(
+            part,
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            generator=_generator(seed, name, rank),
+            **options,
+        )
+
+    return Loaders(train, evaluation(splits.val, "val"), evaluation(splits.test, "test"), sampler)
