@@ -1,0 +1,399 @@
+"""bake_ray.tracking against a real MLflow server (the session's `mlflow_server`) and sqlite."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bake_ray import tracking
+from bake_ray.tracking import (
+    SearchTracker,
+    TrackingError,
+    check_tracking_reachable,
+    config_params,
+    default_artifact_location,
+    filter_metrics,
+    resolve_tracking_uri,
+    write_optuna_plots,
+)
+
+CONFIG = {
+    "seed": 0,
+    "bake": {"temperature": 4.0, "omega": 0.5, "loss_weight": 1.0},
+    "optim": {"lr": 0.05, "milestones": [0.5, 0.75]},
+    "data": {"dataset": "digits", "data_dir": None},
+}
+
+
+@pytest.fixture(autouse=True)
+def _fast_mlflow_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MLflow-internal retries: a refused connection must fail at once in these tests."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _runs(client: MlflowClient, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], max_results=1000)
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_resolve_tracking_uri_precedence_and_absolute_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert resolve_tracking_uri(None, cwd=tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/env.db")
+    assert resolve_tracking_uri(None, cwd=tmp_path) == f"sqlite:///{tmp_path}/sub/env.db"
+    assert resolve_tracking_uri("http://h:5000", cwd=tmp_path) == "http://h:5000"
+    assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri("runs/m.db", cwd=tmp_path) == f"sqlite:///{tmp_path}/runs/m.db"
+
+
+def test_default_artifact_location() -> None:
+    location = default_artifact_location("sqlite:////data/x/mlflow.db", "bake search/1")
+    assert location == "file:///data/x/mlartifacts/bake_search_1"
+    assert default_artifact_location("http://127.0.0.1:5000", "e") is None
+
+
+def test_config_params_flatten_aliases_and_limits() -> None:
+    params = config_params({**CONFIG, "note": "x" * 10_000, "we!rd": 1})
+    assert params["bake.temperature"] == "4.0" == params["T"]
+    assert params["omega"] == "0.5" and params["lambda"] == "1.0"
+    assert params["optim.milestones"] == "[0.5, 0.75]"
+    assert params["data.data_dir"] == "None"
+    assert len(params["note"]) == tracking.MAX_PARAM_VALUE
+    assert "we_rd" in params
+    # an already-dotted config gives the same params
+    assert config_params({"bake.temperature": 4.0})["T"] == "4.0"
+
+
+def test_filter_metrics_keeps_only_model_numbers() -> None:
+    result = {
+        "train_loss": 1.5, "val_acc": 0.9, "lr": 0.1, "images_per_s": 1e3, "epoch": 3,
+        "pid": 123, "hostname": "h", "node_ip": "1.2.3.4", "time_this_iter_s": 1.0,
+        "time_total_s": 2.0, "timestamp": 1, "date": "d", "training_iteration": 4,
+        "trial_id": "t", "done": False, "iterations_since_restore": 1,
+        "config": {"bake": {"omega": 0.5}}, "config/bake/omega": 0.5,
+        "nested": {"acc": 0.5}, "flag": True, "text": "x",
+    }  # fmt: skip
+    assert filter_metrics(result) == {
+        "train_loss": 1.5, "val_acc": 0.9, "lr": 0.1, "images_per_s": 1e3, "epoch": 3.0,
+        "nested/acc": 0.5,
+    }  # fmt: skip
+
+
+def test_compare_url() -> None:
+    url = tracking.compare_runs_url("http://h:5000/", "7", ["b", "a"])
+    assert url.startswith("http://h:5000/#/compare-runs?runs=")
+    assert "%5B%22a%22%2C%20%22b%22%5D" in url and url.endswith("experiments=%5B%227%22%5D")
+
+
+# --------------------------------------------------------------------------- reachability
+
+
+def test_unreachable_server_fails_fast_with_one_line() -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as info:
+        check_tracking_reachable(uri, timeout_s=2)
+    assert uri in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(TrackingError, match=r"127\.0\.0\.1"):
+        SearchTracker("e", "s", uri)
+    assert time.monotonic() - start < 10
+
+
+def test_sqlite_reachability_creates_the_directory(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/new/dir/mlflow.db"
+    check_tracking_reachable(uri)
+    assert (tmp_path / "new" / "dir").is_dir()
+    with pytest.raises(TrackingError, match="relative"):
+        check_tracking_reachable("sqlite:///relative.db")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(TrackingError, match="cannot create"):
+        check_tracking_reachable(f"sqlite:///{blocker}/sub/mlflow.db")
+
+
+@pytest.mark.slow
+def test_running_server_is_reachable(mlflow_server: str) -> None:
+    check_tracking_reachable(mlflow_server)
+
+
+# --------------------------------------------------------------------------- sqlite default
+
+
+def test_sqlite_default_uri_artifact_location_and_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(
+        lambda t: t.suggest_float("T", 1, 8) - t.suggest_float("omega", 0, 0.9), n_trials=6
+    )
+    with SearchTracker("sq", "search-1") as tracker:
+        assert tracker.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+        names = tracker.log_study_plots(study)
+        run_id = tracker.parent_run_id
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment(tracker.experiment_id)
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "sq").as_uri()
+    assert sorted(names) == [
+        "optimization_history.png", "parallel_coordinate.png", "param_importances.png",
+    ]  # fmt: skip
+    listed = {Path(a.path).name for a in client.list_artifacts(run_id, "optuna")}
+    assert set(names) <= listed
+    pngs = list((tmp_path / "mlartifacts" / "sq").rglob("*.png"))
+    assert len(pngs) == 3
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_optuna_plots_skip_gracefully(tmp_path: Path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    empty = optuna.create_study()
+    written, notes = write_optuna_plots(empty, tmp_path)
+    assert written == [] and len(notes) == 3
+    one = optuna.create_study()
+    one.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    written, notes = write_optuna_plots(one, tmp_path)
+    assert [p.name for p in written] == ["optimization_history.png", "parallel_coordinate.png"]
+    assert notes and "param_importances" in notes[0]
+    multi = optuna.create_study(directions=["minimize", "minimize"])
+    assert write_optuna_plots(multi, tmp_path)[0] == []
+
+
+# --------------------------------------------------------------------------- real server
+
+
+@pytest.mark.slow
+def test_parent_child_nesting_params_metrics_and_statuses(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    tracker = SearchTracker(_name(), "s1", mlflow_server, run_name="my search")
+    tracker.log_search_params({"space": "search_spaces/digits.yaml", "num_samples": 3})
+    statuses = {"a": "FINISHED", "b": "KILLED", "c": "FAILED"}
+    for trial_id, status in statuses.items():
+        tracker.start_trial(trial_id, CONFIG, run_name=f"trial_{trial_id}")
+        for epoch in range(3):
+            result = {"train_loss": 2.0 - epoch, "val_acc": 0.3 * epoch, "pid": 1, "done": False}
+            tracker.log_trial_metrics(trial_id, result, step=epoch)
+        error = "Traceback: boom\n" + "x" * 20_000 if status == "FAILED" else None
+        tracker.end_trial(trial_id, status, error=error)  # type: ignore[arg-type]
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "model.pt").write_bytes(b"weights")
+    tracker.log_trial_artifacts("a", checkpoint)
+    summary = tmp_path / "summary.csv"
+    summary.write_text("trial,val_acc\na,0.6\n")
+    tracker.log_search_artifact(summary)
+    tracker.log_best("a", CONFIG, {"val_acc": 0.6, "hostname": "h"})
+    report = tracker.close_all()
+    assert report.ok
+
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "my search"
+    assert parent.data.params["num_samples"] == "3"
+    assert parent.data.metrics == {"best.val_acc": 0.6}
+    assert parent.data.tags["best.T"] == "4.0" and parent.data.tags["best.trial_id"] == "a"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["summary.csv"]
+    for trial_id, status in statuses.items():
+        run = client.get_run(tracker.trial_run_id(trial_id))
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["mlflow.runName"] == f"trial_{trial_id}"
+        assert tags["bake_ray.trial_id"] == trial_id
+        assert run.info.status == status
+        assert run.data.params["bake.omega"] == "0.5" and run.data.params["lambda"] == "1.0"
+        assert set(run.data.metrics) == {"train_loss", "val_acc"}
+        assert _steps(client, run.info.run_id, "val_acc") == [0, 1, 2]
+    failed = client.get_run(tracker.trial_run_id("c")).data.tags["bake_ray.error"]
+    assert failed.startswith("Traceback: boom") and len(failed) <= tracking.MAX_ERROR_CHARS
+    artifacts = client.list_artifacts(tracker.trial_run_id("a"), "checkpoint")
+    assert [a.path for a in artifacts] == ["checkpoint/model.pt"]
+    assert "compare-runs" in tracker.compare_url()
+
+
+@pytest.mark.slow
+def test_resume_reopens_runs_without_duplicates(mlflow_server: str) -> None:
+    experiment = _name()
+    first = SearchTracker(experiment, "s-resume", mlflow_server)
+    for trial_id in ("a", "stale"):
+        first.start_trial(trial_id, CONFIG)
+        for epoch in range(3):
+            first.log_trial_metrics(trial_id, {"val_acc": 0.1 * epoch}, step=epoch)
+    first.end_trial("a", "FAILED", error="node died")
+    # the driver "crashes": no close_all, so the parent and "stale" stay RUNNING
+
+    second = SearchTracker(experiment, "s-resume", mlflow_server)
+    assert second.reopened and second.parent_run_id == first.parent_run_id
+    changed = {**CONFIG, "optim": {"lr": 0.01, "milestones": [0.5, 0.75]}}
+    second.start_trial("a", changed)  # a retried trial restarts from its epoch-1 checkpoint
+    for epoch in range(1, 5):
+        second.log_trial_metrics("a", {"val_acc": 0.1 * epoch, "train_loss": 1.0}, step=epoch)
+    second.start_trial("new", CONFIG)
+    second.end_trial("a", "FINISHED")
+    second.end_trial("new", "KILLED")
+    assert second.close_all().ok
+
+    client = MlflowClient(mlflow_server)
+    runs = _runs(client, second.experiment_id)
+    assert len(runs) == 4  # one parent + a, stale, new: nothing duplicated
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    run_a = client.get_run(second.trial_run_id("a"))
+    assert run_a.info.run_id == first.trial_run_id("a")
+    assert _steps(client, run_a.info.run_id, "val_acc") == [0, 1, 2, 3, 4]
+    assert _steps(client, run_a.info.run_id, "train_loss") == [1, 2, 3, 4]
+    assert run_a.info.status == "FINISHED" and "bake_ray.error" not in run_a.data.tags
+    assert run_a.data.params["optim.lr"] == "0.05"  # params are write-once in MLflow
+    assert run_a.data.tags["bake_ray.param_conflicts"] == "optim.lr"
+    stale = client.get_run(first.trial_run_id("stale"))
+    assert stale.info.status == "FINISHED"
+    assert {r.data.tags.get("bake_ray.trial_id") for r in runs} == {None, "a", "stale", "new"}
+
+
+# --------------------------------------------------------------------------- outages
+
+
+class _Proxy:
+    """A TCP forwarder in front of the MLflow server that can go down and come back.
+
+    Stopping it closes the listening socket and every open connection, which is what a
+    client sees when the tracking server restarts; restarting reuses the same port.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.port = _free_port()
+        self.target_port = target_port
+        self._sockets: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for sock in [*self._sockets, self._listener]:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def proxy(mlflow_server: str) -> Iterator[_Proxy]:
+    forwarder = _Proxy(int(mlflow_server.rsplit(":", 1)[1]))
+    forwarder.start()
+    yield forwarder
+    forwarder.stop()
+
+
+@pytest.mark.slow
+def test_outage_buffers_writes_and_replays_them(proxy: _Proxy, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{proxy.port}"
+    tracker = SearchTracker(_name(), "s-outage", uri, retry_interval_s=0, close_retry_wait_s=0)
+    tracker.start_trial("a", CONFIG)
+    tracker.log_trial_metrics("a", {"val_acc": 0.0}, step=0)
+
+    proxy.stop()  # the server goes away mid-search: nothing raises, writes wait in memory
+    tracker.log_trial_metrics("a", {"val_acc": 0.1}, step=1)
+    tracker.start_trial("b", CONFIG)  # even a run that does not exist yet
+    tracker.log_trial_metrics("b", {"val_acc": 0.5}, step=0)
+    tracker.log_trial_metrics("a", {"val_acc": 0.2}, step=2)
+    assert tracker.pending == 5 and tracker.trial_run_id("b") is None
+
+    proxy.start()  # the next call replays the buffer, in order
+    tracker.log_trial_metrics("a", {"val_acc": 0.3}, step=3)
+    assert tracker.pending == 0
+    client = MlflowClient(uri)
+    assert _steps(client, tracker.trial_run_id("a"), "val_acc") == [0, 1, 2, 3]
+    assert _steps(client, tracker.trial_run_id("b"), "val_acc") == [0]
+
+    # a hopeless write (the checkpoint vanished) is dropped, not retried for ever
+    tracker.log_trial_artifacts("b", tmp_path / "missing")
+    assert tracker.pending == 0
+    tracker.end_trial("a")
+    report = tracker.close_all()
+    assert report.incomplete_runs == ["trial b"] and report.pending_ops == 0
+    assert client.get_run(tracker.trial_run_id("b")).data.tags["bake_ray.incomplete"] == "true"
+    assert client.get_run(tracker.trial_run_id("a")).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_outage_until_the_end_is_reported(proxy: _Proxy) -> None:
+    uri = f"http://127.0.0.1:{proxy.port}"
+    name = _name()
+    tracker = SearchTracker(name, "s-down", uri, retry_interval_s=0, close_retry_wait_s=0)
+    tracker.start_trial("a", CONFIG)
+    proxy.stop()
+    tracker.log_trial_metrics("a", {"val_acc": 0.5}, step=0)
+    report = tracker.close_all()
+    assert not report.ok and report.pending_ops == 4  # metrics + 3 run ends
+    assert report.incomplete_runs == ["search", "trial a"]
+
+    # the next session of the same search (server back) closes what was left RUNNING
+    proxy.start()
+    again = SearchTracker(name, "s-down", uri)
+    assert again.parent_run_id == tracker.parent_run_id
+    assert again.close_all("KILLED").ok
+    runs = _runs(MlflowClient(uri), again.experiment_id)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
