@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"  # the epoch's metrics, beside its checkpoint
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 
 

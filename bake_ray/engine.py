@@ -10,6 +10,7 @@ metrics are summed over workers).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import tempfile
 import time
@@ -32,6 +33,15 @@ from bake_ray.models import build_model
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite: the run cannot recover, stop it cleanly."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+def diverged_metrics(error: DivergenceError) -> dict[str, float]:
+    """The last report of a diverged run: worthless accuracy, so a search learns to avoid it."""
+    return {"epoch": float(error.epoch), "val_acc": 0.0, "best_val_acc": 0.0, "diverged": 1.0}
 
 
 class Reporter(Protocol):
@@ -114,6 +124,14 @@ def _all_sum(values: list[float], ctx: Context) -> list[float]:
     return tensor.tolist()
 
 
+def _finite_everywhere(loss: torch.Tensor, ctx: Context) -> bool:
+    """Whether the loss is finite on every worker, so all workers stop at the same step."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if ctx.distributed:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
 def _autocast(ctx: Context, enabled: bool) -> contextlib.AbstractContextManager[Any]:
     """bf16 (or fp16) autocast on GPU; a no-op on CPU where it would only slow things down."""
     if not enabled or ctx.device.type != "cuda":
@@ -142,9 +160,10 @@ def train_one_epoch(
         with _autocast(ctx, amp):
             features, logits = state.model(images)
         parts = state.loss_fn(features, logits, labels)
-        if not torch.isfinite(parts.total):
+        if not _finite_everywhere(parts.total, ctx):
             raise DivergenceError(
-                f"train loss became {parts.total.item()} at epoch {state.epoch + 1} step {step}"
+                f"train loss became {parts.total.item()} at epoch {state.epoch + 1} step {step}",
+                state.epoch + 1,
             )
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(parts.total).backward()
@@ -347,4 +366,5 @@ def _report_with_checkpoint(
             ckpt.atomic_save(
                 checkpoint_state(state, config, history), checkpoint_dir / ckpt.CHECKPOINT_FILE
             )
+            (checkpoint_dir / ckpt.METRICS_FILE).write_text(json.dumps(history[-1]))
         reporter.report(history[-1], checkpoint_dir)

@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer, get_device
 
 from bake_ray import checkpoint as ckpt
 from bake_ray.config import Config, ConfigError, from_dict, to_dict
-from bake_ray.engine import Context, fit
+from bake_ray.engine import Context, DivergenceError, diverged_metrics, fit
 
 _TRAIN_DRIVER = "TRAIN_DRIVER"
 
@@ -86,7 +86,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     config = from_dict(loop_config["config"])
     ctx = Context(get_device(), context.get_world_rank(), context.get_world_size())
-    fit(config, RayTrainReporter(), ctx, loop_config.get("max_steps_per_epoch"))
+    try:
+        fit(config, RayTrainReporter(), ctx, loop_config.get("max_steps_per_epoch"))
+    except DivergenceError as err:  # every worker agrees on the step, so all report this
+        ray.train.report({**diverged_metrics(err), "error": str(err)})
 
 
 def build_trainer(
@@ -119,15 +122,35 @@ def build_trainer(
     )
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray(address: str | None, **kwargs: Any) -> None:
-    """Join ``address``/``RAY_ADDRESS`` if given, else start a local Ray with a driver slot."""
+    """Join ``address``/``RAY_ADDRESS`` if given, else start a local Ray with a driver slot.
+
+    A local Ray gets its own dashboard port, and its actors are told where that dashboard
+    is: otherwise Ray Train's placement-group cleaner fails with "multiple active Ray
+    instances" whenever another Ray runs on the host, and later trials wait for ever.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(resources={_TRAIN_DRIVER: 64}, **kwargs)
+        return
+    port = _free_port()
+    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    ray.init(
+        resources={_TRAIN_DRIVER: 64},
+        dashboard_port=port,
+        runtime_env={"env_vars": env},
+        **kwargs,
+    )
 
 
 def check_cluster_fits(config: Config, address: str | None) -> None:
@@ -157,6 +180,6 @@ def run_workers(config: Config, run_dir: Path, address: str | None) -> list[dict
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    if result.checkpoint is None:
+    if result.checkpoint is None or (result.metrics or {}).get("diverged"):
         return [result.metrics] if result.metrics else []
     return list(ckpt.load(_download(result.checkpoint)).get("history", []))

@@ -23,7 +23,7 @@ from bake_ray import checkpoint as ckpt
 from bake_ray import config as cfg
 from bake_ray.config import Config, ConfigError
 from bake_ray.data import check_data_available
-from bake_ray.engine import Context, fit
+from bake_ray.engine import Context, DivergenceError, fit
 
 EXIT_BAD_INPUT = 2
 
@@ -176,6 +176,17 @@ def prepare_run_dir(config: Config, resume_dir: Path | None) -> Path:
     return run_dir.resolve()
 
 
+def _run(config: Config, run_dir: Path, resume: Path | None, address: str | None) -> list[dict]:
+    if config.runtime.workers == 0:
+        return run_local(config, run_dir, resume)
+    from bake_ray.raytrain import run_workers
+
+    history = run_workers(config, run_dir, address)
+    if history and history[-1].get("diverged"):
+        raise DivergenceError(str(history[-1].get("error", "loss became non-finite")), 0)
+    return history
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -190,15 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"run directory: {run_dir}", flush=True)
-    if config.runtime.workers > 0:
-        from bake_ray.raytrain import run_workers
-
-        history = run_workers(config, run_dir, args.address)
-    else:
-        history = run_local(config, run_dir, resume)
+    try:
+        history = _run(config, run_dir, resume, args.address)
+    except DivergenceError as err:
+        print(f"error: diverged: {err}; lower optim.lr or check the data", file=sys.stderr)
+        return 1
     print(summary_line(history), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bake_ray.train import main as _main  # importable objects, for Ray's pickling
+
+    sys.exit(_main())

@@ -24,7 +24,9 @@ def ray_local():
     TRAIN_DRIVER resource for trials that only drive a Ray Train worker group."""
     import ray
 
-    ray.init(num_cpus=2, resources={"TRAIN_DRIVER": 64})
+    from bake_ray.raytrain import init_ray
+
+    init_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
 
