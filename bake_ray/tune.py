@@ -61,6 +61,7 @@ def run_trial(trial_config: dict[str, Any]) -> None:
 
 def _train_in_trial(config: cfg.Config) -> None:
     import torch
+
     from bake_ray.engine import Context, DivergenceError, diverged_metrics, fit
     from bake_ray.raytrain import TuneReporter
 
