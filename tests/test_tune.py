@@ -1,4 +1,4 @@
-"""Real searches: local Ray, real Optuna, a real MLflow tracking server, checked via MlflowClient."""
+"""Real searches: local Ray, real Optuna, a real MLflow server, checked through MlflowClient."""
 
 from __future__ import annotations
 
