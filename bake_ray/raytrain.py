@@ -92,6 +92,13 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         ray.train.report({**diverged_metrics(err), "error": str(err)})
 
 
+def _nonzero(resources: dict[str, float] | None) -> dict[str, float] | None:
+    """Ray rejects zero-valued entries; None keeps Ray Train's default (1 CPU, 1 GPU if used)."""
+    if not resources:
+        return None
+    return {k: v for k, v in resources.items() if v > 0} or None
+
+
 def build_trainer(
     config: Config,
     name: str,
@@ -99,6 +106,7 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     max_failures: int = 1,
     max_steps_per_epoch: int | None = None,
+    resources_per_worker: dict[str, float] | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer whose run name is stable, so a rerun resumes from its checkpoints."""
     return TorchTrainer(
@@ -110,6 +118,7 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=config.runtime.workers,
             use_gpu=config.runtime.gpu,
+            resources_per_worker=_nonzero(resources_per_worker),
             placement_strategy="SPREAD" if config.runtime.workers > 1 else "PACK",
         ),
         run_config=RunConfig(

@@ -82,6 +82,7 @@ class Budget:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 1
+    always_use_worker_group: bool = False  # Ray's documented pattern, even for one worker
 
 
 @dataclass(frozen=True)

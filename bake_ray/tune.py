@@ -35,6 +35,8 @@ DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "defa
 EXIT_BAD_INPUT = 2
 _BASE = "_bake_ray_base"  # constant entries of every trial's Tune config
 _TRAIN_STORAGE = "_bake_ray_train_storage"
+_WORKER_GROUP = "_bake_ray_always_use_worker_group"
+_WORKER_RESOURCES = "_bake_ray_worker_resources"
 _TRACKERS: dict[str, tracking.SearchTracker] = {}  # Tune unpickles callbacks on restore
 
 
@@ -53,10 +55,10 @@ def resolved_trial_config(trial_config: dict[str, Any]) -> cfg.Config:
 def run_trial(trial_config: dict[str, Any]) -> None:
     """Tune function trainable: one BAKE training run, in-process or on Ray Train workers."""
     config = resolved_trial_config(trial_config)
-    if config.runtime.workers <= 1:
+    if config.runtime.workers <= 1 and not trial_config.get(_WORKER_GROUP, False):
         _train_in_trial(config)
     else:
-        _train_on_workers(config, trial_config[_TRAIN_STORAGE])
+        _train_on_workers(config, trial_config[_TRAIN_STORAGE], trial_config[_WORKER_RESOURCES])
 
 
 def _train_in_trial(config: cfg.Config) -> None:
@@ -72,13 +74,21 @@ def _train_in_trial(config: cfg.Config) -> None:
         tune.report({**diverged_metrics(err), "error": str(err)})
 
 
-def _train_on_workers(config: cfg.Config, train_storage: str) -> None:
+def _train_on_workers(
+    config: cfg.Config, train_storage: str, resources_per_worker: dict[str, float]
+) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from bake_ray.raytrain import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(config, trial_id, train_storage, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        config,
+        trial_id,
+        train_storage,
+        callbacks=[TuneReportCallback()],
+        resources_per_worker=resources_per_worker,
+    )
     trainer.fit()
 
 
@@ -216,7 +226,7 @@ def optuna_space(space: ss.SearchSpace) -> dict[str, optuna.distributions.BaseDi
 def _trial_resources(space: ss.SearchSpace, has_driver_slot: bool) -> dict[str, float]:
     """A one-worker trial holds its worker's resources; a multi-worker trial only drives."""
     b = space.budget
-    if b.workers_per_trial == 1:
+    if b.workers_per_trial == 1 and not b.always_use_worker_group:
         return {"CPU": b.cpus_per_worker, "GPU": b.gpus_per_worker}
     return {"TRAIN_DRIVER": 1} if has_driver_slot else {"CPU": 0.01}
 
@@ -252,7 +262,15 @@ def build_tuner(
     trainable = tune.with_resources(run_trial, _trial_resources(space, has_driver_slot))
     return tune.Tuner(
         trainable,
-        param_space={_BASE: base, _TRAIN_STORAGE: f"{storage.rstrip('/')}/{name}/train_runs"},
+        param_space={
+            _BASE: base,
+            _TRAIN_STORAGE: f"{storage.rstrip('/')}/{name}/train_runs",
+            _WORKER_GROUP: space.budget.always_use_worker_group,
+            _WORKER_RESOURCES: {
+                "CPU": space.budget.cpus_per_worker,
+                "GPU": space.budget.gpus_per_worker,
+            },
+        },
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
