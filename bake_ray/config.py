@@ -106,6 +106,7 @@ class RuntimeConfig:
     workers: int = 0
     gpu: bool = False
     amp: bool = True
+    sync_bn: bool = False  # batch-norm statistics over all workers (the paper's ImageNet recipe)
     output_dir: str = "runs"
     run_name: str | None = None
 
@@ -337,6 +338,10 @@ def _validate_optim(cfg: OptimConfig, epochs: int) -> None:
 def _validate_runtime(cfg: RuntimeConfig) -> None:
     _require(cfg.workers >= 0, f"runtime.workers: must be >= 0, got {cfg.workers}")
     _require(bool(cfg.output_dir), "runtime.output_dir: must not be empty")
+    _require(
+        not cfg.sync_bn or cfg.gpu,
+        "runtime.sync_bn: SyncBatchNorm runs on GPUs only; set runtime.gpu=true or sync_bn=false",
+    )
 
 
 def validate(config: Config) -> None:

@@ -266,6 +266,8 @@ def build_state(
     """Model, optimizer, per-step LR schedule, scaler and loss for this config."""
     model = build_model(config.model.name, num_classes, in_channels, image_size).to(ctx.device)
     if ctx.distributed:
+        if config.runtime.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = build_optimizer(model, config.optim)

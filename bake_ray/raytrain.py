@@ -10,6 +10,7 @@ initialised.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -66,7 +67,7 @@ class TuneReporter:
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         from ray import tune
 
-        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
     def resume_from(self) -> Path | None:
@@ -81,8 +82,15 @@ def _progress(metrics: dict[str, float]) -> str:
     return format_progress(metrics, int(metrics.get("epochs", 0)) or int(metrics["epoch"]))
 
 
+def quiet_checkpoint_logs() -> None:
+    """Ray logs a line per persisted checkpoint; bake-ray prints its own progress instead."""
+    for name in ("ray.train.v2._internal.execution.storage", "ray.train._internal.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: rebuild the config and run the shared engine."""
+    quiet_checkpoint_logs()
     context = ray.train.get_context()
     config = from_dict(loop_config["config"])
     ctx = Context(get_device(), context.get_world_rank(), context.get_world_size())

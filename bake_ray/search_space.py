@@ -63,7 +63,10 @@ class Dimension:
     def contains(self, value: Any) -> bool:
         if self.distribution == "choice":
             return value in self.values
-        return isinstance(value, (int, float)) and self.low <= value <= self.high
+        kinds = int if self.distribution == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):  # True is an int in Python
+            return False
+        return self.low <= value <= self.high
 
     def corners(self) -> tuple[Any, ...]:
         """Extreme values, enough to check that every sample yields a valid config."""
@@ -139,6 +142,8 @@ def _parse_dimension(key: str, spec: Any, leaves: dict[str, Any]) -> Dimension:
     dist = spec.get("distribution")
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"space.{key}.distribution: {dist!r}; one of {DISTRIBUTIONS}")
+    if dist in ("uniform", "loguniform") and leaves[key] is int:  # corners alone would pass
+        raise ConfigError(f"space.{key}: {dist} samples floats but {key} is an int; use int")
     allowed = {"distribution", "values"} if dist == "choice" else {"distribution", "low", "high"}
     unknown = sorted(set(spec) - allowed)
     if unknown:

@@ -65,8 +65,9 @@ def _train_in_trial(config: cfg.Config) -> None:
     import torch
 
     from bake_ray.engine import Context, DivergenceError, diverged_metrics, fit
-    from bake_ray.raytrain import TuneReporter
+    from bake_ray.raytrain import TuneReporter, quiet_checkpoint_logs
 
+    quiet_checkpoint_logs()
     device = torch.device("cuda" if config.runtime.gpu else "cpu")
     try:
         fit(config, TuneReporter(), Context(device))
@@ -102,6 +103,48 @@ def _status_of(result: dict[str, Any], epochs: int) -> tuple[str, str | None]:
     if int(result.get("epoch", 0)) < epochs:
         return "KILLED", None
     return "FINISHED", None
+
+
+def _param_summary(trial_config: dict[str, Any]) -> str:
+    params = _trial_params(trial_config)
+    return " ".join(
+        f"{_short(k)}={v:.4g}" if isinstance(v, float) else f"{_short(k)}={v}"
+        for k, v in params.items()
+    )
+
+
+class ProgressCallback(tune.Callback):
+    """One line per trial epoch on the driver, instead of Ray's per-checkpoint log lines."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if "val_acc" not in result or result.get("diverged"):
+            return
+        print(
+            f"trial {trial.trial_id}  epoch {int(result['epoch'])}/{self.epochs}  "
+            f"val {result['val_acc']:.4f}  loss {result.get('train_loss', float('nan')):.4f}  "
+            f"[{_param_summary(trial.config)}]",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        status, error = _status_of(trial.last_result or {}, self.epochs)
+        label = {"KILLED": "stopped early by ASHA", "FAILED": f"failed: {error}"}.get(
+            status, "done"
+        )
+        print(f"trial {trial.trial_id}  {label}", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"trial {trial.trial_id}  error: {_read_error(trial)}", flush=True)
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Tune's default embeds every config value)."""
+    return f"trial_{trial.trial_id}"
 
 
 def _read_error(trial: Any) -> str:
@@ -278,12 +321,13 @@ def build_tuner(
             mode=space.mode,
             num_samples=space.budget.num_samples,
             max_concurrent_trials=concurrency,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
             verbose=0,
-            callbacks=[callback],
+            callbacks=[callback, ProgressCallback(space.epochs)],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
             ),
@@ -370,6 +414,7 @@ def format_table(rows: list[TrialRow]) -> str:
 
 def study_from_rows(rows: list[TrialRow], space: ss.SearchSpace) -> optuna.Study:
     """An Optuna study rebuilt from the results (for plots), independent of Tune internals."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     dists = optuna_space(space)
     for row in rows:

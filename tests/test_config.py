@@ -57,6 +57,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("data.val_fraction=0", r"data\.val_fraction: must be in \(0, 0\.5\]"),
         ("data.dataset=imagefolder", r"data\.data_dir: required for data\.dataset=imagefolder"),
         ("runtime.workers=-1", r"runtime\.workers: must be >= 0"),
+        ("runtime.sync_bn=true", r"runtime\.sync_bn: SyncBatchNorm runs on GPUs only"),
         ("bake.tau=2", r"bake\.tau: unknown key; allowed: "),
         ("colour=red", r"colour: unknown key"),
         ("bake=3", r"bake: expected a mapping"),
