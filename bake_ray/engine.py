@@ -288,8 +288,12 @@ def build_state(
 
 
 def _record_best(state: RunState, val_acc: float, test_acc: float) -> None:
-    """Model selection on validation: remember the test accuracy of the best-val epoch."""
-    if val_acc > state.best_val_acc:
+    """Model selection on validation: remember the test accuracy of the best-val epoch.
+
+    Ties go to the later epoch: small validation sets tie often, and a later epoch has seen
+    more of the schedule. The rule never looks at test accuracy.
+    """
+    if val_acc >= state.best_val_acc:
         state.best_val_acc, state.best_epoch, state.test_acc_at_best = (
             val_acc,
             state.epoch,

@@ -34,6 +34,7 @@ from typing import Any
 from bake_ray import config as cfg
 from bake_ray.config import Config, ConfigError
 
+_ENUMERATE_INT_RANGE = 64  # int ranges up to this width are checked value by value
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 METRICS = ("val_acc", "best_val_acc")
 SCHEDULERS = ("asha", "none")
@@ -69,9 +70,12 @@ class Dimension:
         return self.low <= value <= self.high
 
     def corners(self) -> tuple[Any, ...]:
-        """Extreme values, enough to check that every sample yields a valid config."""
+        """Values to check: extremes, or every value of a small int range (divisibility
+        constraints such as batch_size % (same_class + 1) can fail inside a range)."""
         if self.distribution == "choice":
             return self.values
+        if self.distribution == "int" and self.high - self.low <= _ENUMERATE_INT_RANGE:
+            return tuple(range(int(self.low), int(self.high) + 1))
         return (self.low, self.high)
 
 
@@ -256,15 +260,22 @@ def trial_config(space: SearchSpace, params: dict[str, Any]) -> Config:
     return cfg.from_dict(values)
 
 
+def _check_point(space: SearchSpace, params: dict[str, Any], where: str) -> None:
+    try:
+        trial_config(space, params)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: the point {params} gives an invalid trial: {exc}") from None
+
+
 def _check_corners(space: SearchSpace) -> None:
-    """Every combination of extreme values must make a valid config (2^d, d is small)."""
+    """Every combination of extreme values, and every initial point, must make a valid config."""
     combos = itertools.product(*(d.corners() for d in space.dimensions))
     for values in itertools.islice(combos, 4096):
-        params = dict(zip((d.key for d in space.dimensions), values, strict=True))
-        try:
-            trial_config(space, params)
-        except ConfigError as exc:
-            raise ConfigError(f"space: the point {params} gives an invalid trial: {exc}") from None
+        _check_point(
+            space, dict(zip((d.key for d in space.dimensions), values, strict=True)), "space"
+        )
+    for i, point in enumerate(space.initial_points):
+        _check_point(space, dict(point), f"initial_points[{i}]")
 
 
 def _check_initial_points(points: Any, dims: tuple[Dimension, ...]) -> tuple[dict[str, Any], ...]:

@@ -552,10 +552,16 @@ class SearchTracker:
             text = _truncate(",".join(conflicts), MAX_TAG_VALUE)
             self.client.set_tag(run_id, TAG_PARAM_CONFLICTS, text, synchronous=True)
 
-    def _log_metrics(self, ref: _RunRef, metrics: Mapping[str, float], step: int) -> None:
-        """Log metrics at ``step``, skipping keys whose history already reaches that step."""
+    def _log_metrics(
+        self, ref: _RunRef, metrics: Mapping[str, float], step: int, at_ms: int | None = None
+    ) -> None:
+        """Log metrics at ``step``, skipping keys whose history already reaches that step.
+
+        ``at_ms`` is fixed when the write is queued: a retry of a batch the server stored
+        but whose reply was lost is then identical, and MLflow drops the duplicate rows.
+        """
         run_id = self._run_id(ref)
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if at_ms is None else at_ms
         fresh = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
@@ -639,10 +645,13 @@ class SearchTracker:
         """
         clean = filter_metrics(metrics)
         step = int(step)
+        at_ms = int(time.time() * 1000)
         with self._lock:
             ref = self._trial(trial_id)
             self._submit(
-                ref, f"metrics {ref.label}@{step}", lambda: self._log_metrics(ref, clean, step)
+                ref,
+                f"metrics {ref.label}@{step}",
+                lambda: self._log_metrics(ref, clean, step, at_ms),
             )
 
     def log_trial_artifacts(

@@ -442,7 +442,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="budget.*/scheduler.*/objective.* edit the search; other keys the base config",
+        help="budget.*, scheduler.*, objective.*, seed (the sampler's) and name edit the "
+        "search file; base.seed=N or any other config key (bake.omega=0.7) edits the base "
+        "training config",
     )
     parser.add_argument("--num-samples", type=int, help="number of trials (budget.num_samples)")
     parser.add_argument(
@@ -500,11 +502,24 @@ def plan(args: argparse.Namespace) -> Plan:
         overrides.append(f"budget.num_samples={args.num_samples}")
     space = ss.load(args.config, overrides)
     check_data_available(space.base.data)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        _check_fits_this_machine(space)
     storage = resolve_storage(args.storage)
     name = find_experiment(storage, space, args.name, args.resume)
+    exp_path = f"{storage.rstrip('/')}/{name}"
+    if args.resume and not _can_restore(exp_path):
+        raise ConfigError(f"--resume: {exp_path} holds no restorable search")
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    tracking.check_tracking_reachable(uri)
+    tracking.check_tracking_reachable(uri)  # last: for sqlite it creates the database's folder
     return Plan(space, storage, name, uri)
+
+
+def _check_fits_this_machine(space: ss.SearchSpace) -> None:
+    """A local Ray gets this machine's CPUs and GPUs: refuse a budget that can never be
+    placed before Ray starts, so nothing is written and no Ray log buries the error."""
+    import torch
+
+    ss.check_fits(space, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
 
 
 def _init_ray(address: str | None) -> tuple[float, float, bool]:
