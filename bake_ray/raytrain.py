@@ -51,10 +51,15 @@ def _download(checkpoint: Checkpoint | None) -> Path | None:
 class RayTrainReporter:
     """Reporter for a Ray Train worker: ``ray.train.report`` each epoch, resume from Ray."""
 
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         if checkpoint_dir is not None:
-            print(_progress(metrics), flush=True)
+            from bake_ray.train import format_progress
+
+            print(format_progress(metrics, self.epochs), flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def resume_from(self) -> Path | None:
@@ -76,12 +81,6 @@ class TuneReporter:
         return _download(tune.get_checkpoint())
 
 
-def _progress(metrics: dict[str, float]) -> str:
-    from bake_ray.train import format_progress
-
-    return format_progress(metrics, int(metrics.get("epochs", 0)) or int(metrics["epoch"]))
-
-
 def quiet_checkpoint_logs() -> None:
     """Ray logs a line per persisted checkpoint; bake-ray prints its own progress instead."""
     for name in ("ray.train.v2._internal.execution.storage", "ray.train._internal.storage"):
@@ -95,7 +94,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     config = from_dict(loop_config["config"])
     ctx = Context(get_device(), context.get_world_rank(), context.get_world_size())
     try:
-        fit(config, RayTrainReporter(), ctx, loop_config.get("max_steps_per_epoch"))
+        fit(config, RayTrainReporter(config.epochs), ctx, loop_config.get("max_steps_per_epoch"))
     except DivergenceError as err:  # every worker agrees on the step, so all report this
         ray.train.report({**diverged_metrics(err), "error": str(err)})
 
