@@ -8,6 +8,7 @@ YAML is read with ``yaml.safe_load`` only: nothing in a config can import or run
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import re
@@ -243,6 +244,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The ``--set KEY=VALUE`` option (repeatable) shared by every command line."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -101,14 +101,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bake_ray.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--config", type=Path, help="YAML config (defaults: digits, small CNN)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. bake.omega=0.7",
-    )
+    cfg.add_override_argument(parser, "override a config value by dotted key, e.g. bake.omega=0.7")
     parser.add_argument("--workers", type=int, help="0 = this process; N = N Ray Train workers")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
     parser.add_argument(
