@@ -22,6 +22,7 @@ import torch
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"  # the epoch's metrics, beside its checkpoint
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+_BLOCKED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
 
 
 class CheckpointError(RuntimeError):
@@ -54,11 +55,20 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/hostile files
-        reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path}: cannot load checkpoint: {reason}") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint: {_reason(exc)}") from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(f"{path}: not a bake-ray checkpoint (no model/epoch entries)")
     return state
+
+
+def _reason(exc: Exception) -> str:
+    """Why a load failed, in one short line. For a file that is not plain data, name the
+    blocked global instead of torch's advice to retry with ``weights_only=False``."""
+    text = " ".join(str(exc).split())
+    blocked = _BLOCKED_GLOBAL.search(text)
+    if blocked:
+        return f"refused: it holds code, not plain data (global {blocked.group(1)})"
+    return text[:200]
 
 
 def epoch_dir(root: str | Path, epoch: int) -> Path:
@@ -79,7 +89,12 @@ def latest_good(root: str | Path) -> Path | None:
     """
     root = Path(root)
     if root.is_file() or (root / CHECKPOINT_FILE).is_file():
-        return root if root.is_file() else root / CHECKPOINT_FILE
+        single = root if root.is_file() else root / CHECKPOINT_FILE
+        try:
+            load(single)
+        except CheckpointError:
+            return None
+        return single
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     if not root.is_dir():

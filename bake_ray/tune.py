@@ -436,13 +436,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bake_ray.tune", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_SPACE, help="search-space YAML")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="budget.*, scheduler.*, objective.*, seed (the sampler's) and name edit the "
+    cfg.add_override_argument(
+        parser,
+        "budget.*, scheduler.*, objective.*, seed (the sampler's) and name edit the "
         "search file; base.seed=N or any other config key (bake.omega=0.7) edits the base "
         "training config",
     )
@@ -516,10 +512,13 @@ def plan(args: argparse.Namespace) -> Plan:
 
 def _check_fits_this_machine(space: ss.SearchSpace) -> None:
     """A local Ray gets this machine's CPUs and GPUs: refuse a budget that can never be
-    placed before Ray starts, so nothing is written and no Ray log buries the error."""
+    placed before Ray starts, so nothing is written and no Ray log buries the error.
+    A Ray already running in this process (tests, benchmarks) is checked after joining."""
+    import ray
     import torch
 
-    ss.check_fits(space, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
+    if not ray.is_initialized():
+        ss.check_fits(space, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
 
 
 def _init_ray(address: str | None) -> tuple[float, float, bool]:
