@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from reliability_helpers import TcpForwarder
 
 from bake_ray import tracking
 from bake_ray.tracking import (
@@ -281,74 +280,16 @@ def test_resume_reopens_runs_without_duplicates(mlflow_server: str) -> None:
 # --------------------------------------------------------------------------- outages
 
 
-class _Proxy:
-    """A TCP forwarder in front of the MLflow server that can go down and come back.
-
-    Stopping it closes the listening socket and every open connection, which is what a
-    client sees when the tracking server restarts; restarting reuses the same port.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.port = _free_port()
-        self.target_port = target_port
-        self._sockets: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._listener: socket.socket | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        listener.settimeout(0.05)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for sock in [*self._sockets, self._listener]:
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-        self._sockets.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            client.settimeout(None)
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.fixture
-def proxy(mlflow_server: str) -> Iterator[_Proxy]:
-    forwarder = _Proxy(int(mlflow_server.rsplit(":", 1)[1]))
+def proxy(mlflow_server: str) -> Iterator[TcpForwarder]:
+    forwarder = TcpForwarder(int(mlflow_server.rsplit(":", 1)[1]))
     forwarder.start()
     yield forwarder
     forwarder.stop()
 
 
 @pytest.mark.slow
-def test_outage_buffers_writes_and_replays_them(proxy: _Proxy, tmp_path: Path) -> None:
+def test_outage_buffers_writes_and_replays_them(proxy: TcpForwarder, tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{proxy.port}"
     tracker = SearchTracker(_name(), "s-outage", uri, retry_interval_s=0, close_retry_wait_s=0)
     tracker.start_trial("a", CONFIG)
@@ -379,7 +320,7 @@ def test_outage_buffers_writes_and_replays_them(proxy: _Proxy, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_outage_until_the_end_is_reported(proxy: _Proxy) -> None:
+def test_outage_until_the_end_is_reported(proxy: TcpForwarder) -> None:
     uri = f"http://127.0.0.1:{proxy.port}"
     name = _name()
     tracker = SearchTracker(name, "s-down", uri, retry_interval_s=0, close_retry_wait_s=0)
