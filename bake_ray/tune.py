@@ -30,67 +30,19 @@ from bake_ray import tracking
 from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.config import ConfigError
 from bake_ray.data import check_data_available
+from bake_ray.trial import (
+    BASE_KEY,
+    TRAIN_STORAGE_KEY,
+    WORKER_GROUP_KEY,
+    WORKER_RESOURCES_KEY,
+    resolved_trial_config,
+    run_trial,
+    trial_params,
+)
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
 EXIT_BAD_INPUT = 2
-_BASE = "_bake_ray_base"  # constant entries of every trial's Tune config
-_TRAIN_STORAGE = "_bake_ray_train_storage"
-_WORKER_GROUP = "_bake_ray_always_use_worker_group"
-_WORKER_RESOURCES = "_bake_ray_worker_resources"
 _TRACKERS: dict[str, tracking.SearchTracker] = {}  # Tune unpickles callbacks on restore
-
-
-# --------------------------------------------------------------------------- the trial
-
-
-def _trial_params(trial_config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in trial_config.items() if not k.startswith("_bake_ray")}
-
-
-def resolved_trial_config(trial_config: dict[str, Any]) -> cfg.Config:
-    """The full training config of a trial: the base with the sampled params applied."""
-    return cfg.from_dict(ss.apply_params(trial_config[_BASE], _trial_params(trial_config)))
-
-
-def run_trial(trial_config: dict[str, Any]) -> None:
-    """Tune function trainable: one BAKE training run, in-process or on Ray Train workers."""
-    config = resolved_trial_config(trial_config)
-    if config.runtime.workers <= 1 and not trial_config.get(_WORKER_GROUP, False):
-        _train_in_trial(config)
-    else:
-        _train_on_workers(config, trial_config[_TRAIN_STORAGE], trial_config[_WORKER_RESOURCES])
-
-
-def _train_in_trial(config: cfg.Config) -> None:
-    import torch
-
-    from bake_ray.engine import Context, DivergenceError, diverged_metrics, fit
-    from bake_ray.raytrain import TuneReporter, quiet_checkpoint_logs
-
-    quiet_checkpoint_logs()
-    device = torch.device("cuda" if config.runtime.gpu else "cpu")
-    try:
-        fit(config, TuneReporter(), Context(device))
-    except DivergenceError as err:
-        tune.report({**diverged_metrics(err), "error": str(err)})
-
-
-def _train_on_workers(
-    config: cfg.Config, train_storage: str, resources_per_worker: dict[str, float]
-) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from bake_ray.raytrain import build_trainer
-
-    trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(
-        config,
-        trial_id,
-        train_storage,
-        callbacks=[TuneReportCallback()],
-        resources_per_worker=resources_per_worker,
-    )
-    trainer.fit()
 
 
 # --------------------------------------------------------------------------- MLflow callback
@@ -106,7 +58,7 @@ def _status_of(result: dict[str, Any], epochs: int) -> tuple[str, str | None]:
 
 
 def _param_summary(trial_config: dict[str, Any]) -> str:
-    params = _trial_params(trial_config)
+    params = trial_params(trial_config)
     return " ".join(
         f"{_short(k)}={v:.4g}" if isinstance(v, float) else f"{_short(k)}={v}"
         for k, v in params.items()
@@ -306,10 +258,10 @@ def build_tuner(
     return tune.Tuner(
         trainable,
         param_space={
-            _BASE: base,
-            _TRAIN_STORAGE: f"{storage.rstrip('/')}/{name}/train_runs",
-            _WORKER_GROUP: space.budget.always_use_worker_group,
-            _WORKER_RESOURCES: {
+            BASE_KEY: base,
+            TRAIN_STORAGE_KEY: f"{storage.rstrip('/')}/{name}/train_runs",
+            WORKER_GROUP_KEY: space.budget.always_use_worker_group,
+            WORKER_RESOURCES_KEY: {
                 "CPU": space.budget.cpus_per_worker,
                 "GPU": space.budget.gpus_per_worker,
             },
@@ -322,6 +274,7 @@ def build_tuner(
             num_samples=space.budget.num_samples,
             max_concurrent_trials=concurrency,
             trial_dirname_creator=_trial_dirname,
+            reuse_actors=True,  # a finished trial's process (imports done) runs the next one
         ),
         run_config=tune.RunConfig(
             name=name,
