@@ -35,33 +35,27 @@ from __future__ import annotations
 
 import os
 
-# Ray and MLflow read these at import time: no auth token file, no telemetry, no result files.
-_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-}
-for _key, _value in _ENV.items():
-    os.environ.setdefault(_key, _value)
+import bench.ray_env  # noqa: F401  (sets Ray/MLflow env before they are imported)
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+# isort: split
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import argparse
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from bake_ray import config as cfg  # noqa: E402
-from bake_ray import tune as bake_tune  # noqa: E402
-from bake_ray.engine import Context, fit  # noqa: E402
-from bench.common import (  # noqa: E402
+import torch
+import yaml
+
+from bake_ray import config as cfg
+from bake_ray import tune as bake_tune
+from bake_ray.engine import Context, fit
+from bench.common import (
     add_output_args,
     command_line,
     emit,

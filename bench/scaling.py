@@ -18,36 +18,26 @@ row separates "fewer threads" from "Ray overhead".
 
 from __future__ import annotations
 
-import os
+import bench.ray_env  # noqa: F401  (sets Ray/MLflow env before they are imported)
 
-# Ray reads these at import time: quiet, no auth token file, fast Train health checks.
-_RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-}
-for _key, _value in _RAY_ENV.items():
-    os.environ.setdefault(_key, _value)
+# isort: split
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import dataclasses
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import torch  # noqa: E402
+import ray
+import ray.train
+import torch
 
-from bake_ray import checkpoint as ckpt  # noqa: E402
-from bake_ray.config import Config, from_dict  # noqa: E402
-from bake_ray.engine import Context, fit  # noqa: E402
-from bake_ray.raytrain import absolute_paths, build_trainer, init_ray  # noqa: E402
-from bench.common import (  # noqa: E402
+from bake_ray import checkpoint as ckpt
+from bake_ray.config import Config, from_dict
+from bake_ray.engine import Context, fit
+from bake_ray.raytrain import absolute_paths, build_trainer, init_ray
+from bench.common import (
     add_output_args,
     command_line,
     emit,

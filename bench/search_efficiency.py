@@ -30,32 +30,26 @@ from __future__ import annotations
 
 import os
 
-# Ray and MLflow read these at import time: no auth token file, no telemetry, no result files.
-_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-}
-for _key, _value in _ENV.items():
-    os.environ.setdefault(_key, _value)
+import bench.ray_env  # noqa: F401  (sets Ray/MLflow env before they are imported)
 
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+# isort: split
 
-import optuna  # noqa: E402
-import torch  # noqa: E402
+import argparse
+import itertools
+import math
+import statistics
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from bake_ray import search_space as ss  # noqa: E402
-from bake_ray import tune as bake_tune  # noqa: E402
-from bench.common import (  # noqa: E402
+import optuna
+import torch
+
+from bake_ray import search_space as ss
+from bake_ray import tune as bake_tune
+from bench.common import (
     add_output_args,
     command_line,
     emit,
@@ -65,7 +59,7 @@ from bench.common import (  # noqa: E402
     save_figure,
     section_header,
 )
-from bench.orchestration import SearchRuns, local_ray, run_product_search, warm_up  # noqa: E402
+from bench.orchestration import SearchRuns, local_ray, run_product_search, warm_up
 
 HEADING = "## 4. Search efficiency"
 KEY = "search_efficiency"
