@@ -359,20 +359,35 @@ def _fashion_mnist(cfg: DataConfig) -> _Source:
     root = str(fashion_mnist_root(cfg))
     pool = datasets.FashionMNIST(root, train=True, download=cfg.download)
     test = datasets.FashionMNIST(root, train=False, download=cfg.download)
-    normalize = [transforms.ToTensor(), transforms.Normalize(*_FASHION_STATS)]
+    labels = pool.targets.clone().long()
+    return _crop_flip_source(pool, labels, test, _FASHION_STATS, 10, in_channels=1, size=28, pad=2)
+
+
+def _crop_flip_source(
+    pool: Dataset,
+    labels: Tensor,
+    test: Dataset,
+    stats: tuple[tuple[float, ...], tuple[float, ...]],
+    num_classes: int,
+    in_channels: int,
+    size: int,
+    pad: int,
+) -> _Source:
+    """Small-image sources: padded random crop + flip for training, normalisation for both."""
+    normalize = [transforms.ToTensor(), transforms.Normalize(*stats)]
     train_tf = transforms.Compose(
-        [transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(), *normalize]
+        [transforms.RandomCrop(size, padding=pad), transforms.RandomHorizontalFlip(), *normalize]
     )
     eval_tf = transforms.Compose(normalize)
     return _Source(
         pool,
-        pool.targets.clone().long(),
+        labels,
         _whole(test, eval_tf),
         train_tf,
         eval_tf,
-        num_classes=10,
-        in_channels=1,
-        image_size=28,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=size,
     )
 
 
@@ -399,21 +414,8 @@ def _cifar(
     root = str(_cifar_root(cfg, cls))
     pool = cls(root, train=True, download=cfg.download)
     test = cls(root, train=False, download=cfg.download)
-    normalize = [transforms.ToTensor(), transforms.Normalize(*stats)]
-    train_tf = transforms.Compose(
-        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *normalize]
-    )
-    eval_tf = transforms.Compose(normalize)
-    return _Source(
-        pool,
-        torch.tensor(pool.targets, dtype=torch.long),
-        _whole(test, eval_tf),
-        train_tf,
-        eval_tf,
-        num_classes=num_classes,
-        in_channels=3,
-        image_size=32,
-    )
+    labels = torch.tensor(pool.targets, dtype=torch.long)
+    return _crop_flip_source(pool, labels, test, stats, num_classes, in_channels=3, size=32, pad=4)
 
 
 # --------------------------------------------------------------------------- ImageFolder
