@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +50,11 @@ TAG_ROLE = "bake_ray.role"
 TAG_ERROR = "bake_ray.error"
 TAG_INCOMPLETE = "bake_ray.incomplete"
 TAG_PARAM_CONFLICTS = "bake_ray.param_conflicts"
+TAG_ORPHANED = "bake_ray.orphaned"
+ORPHANED_REASON = (
+    "the search driver stopped after this trial started but before Ray Tune recorded it; "
+    "the resumed search replaced it with a new trial"
+)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 ROLE_SEARCH = "search"
@@ -784,6 +789,26 @@ class SearchTracker:
             self._end_if_open(self.parent, status)
             self._flush_for_close()
             return self._report()
+
+    def end_orphaned_trials(self, known_trial_ids: Iterable[str]) -> None:
+        """End KILLED, with tag ``bake_ray.orphaned``, the runs of trials the search no longer has.
+
+        A driver killed between opening a trial's run and Tune saving that trial leaves a
+        run that ``--resume`` never continues. Its data stay; it must not look finished.
+        """
+        known = set(known_trial_ids)
+        with self._lock:
+            self._submit(self.parent, "end orphaned trials", lambda: self._end_orphans(known))
+
+    def _end_orphans(self, known: set[str]) -> None:
+        query = f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'"
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
+            trial_id = run.data.tags.get(TAG_TRIAL_ID)
+            if trial_id is None or trial_id in known:
+                continue
+            self.client.set_tag(run.info.run_id, TAG_ORPHANED, ORPHANED_REASON)
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            self._open.discard(f"trial {trial_id}")
 
     def _end_if_open(self, ref: _RunRef, status: RunStatus) -> None:
         if ref.label in self._open:

@@ -315,7 +315,7 @@ def _row(result: Any, space: ss.SearchSpace) -> TrialRow:
     else:
         status = "stopped" if epochs < space.epochs else "finished"
     return TrialRow(
-        trial_id=str(metrics.get("trial_id") or Path(result.path).name),
+        trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
         params=params,
         best_val_acc=float(metrics.get("best_val_acc", 0.0)),
         test_acc=float(metrics.get("test_acc_at_best_val", float("nan"))),
@@ -576,6 +576,7 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
             f"config written to {best_path}\n"
             f"  train it: python -m bake_ray.train --config {best_path}"
         )
+    tracker.end_orphaned_trials(row.trial_id for row in rows)
     report = tracker.close_all()
     if not report.ok:
         print(f"warning: MLflow is missing some writes: {report}", file=sys.stderr)

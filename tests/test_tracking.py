@@ -338,3 +338,33 @@ def test_outage_until_the_end_is_reported(proxy: TcpForwarder) -> None:
     assert again.close_all("KILLED").ok
     runs = _runs(MlflowClient(uri), again.experiment_id)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+
+
+@pytest.mark.slow
+def test_trials_the_resumed_search_no_longer_has_end_killed_and_tagged(mlflow_server: str) -> None:
+    """A driver killed before Tune saved a trial leaves its run behind: it must not look done."""
+    experiment = _name()
+    first = SearchTracker(experiment, "s-orphan", mlflow_server)
+    for trial_id in ("kept", "forgotten"):
+        first.start_trial(trial_id, CONFIG)
+        first.log_trial_metrics(trial_id, {"val_acc": 0.5}, step=1)
+    # the driver dies here; the resumed search only knows "kept" (and a new "fresh" trial)
+    second = SearchTracker(experiment, "s-orphan", mlflow_server)
+    for trial_id in ("kept", "fresh"):
+        second.start_trial(trial_id, CONFIG)
+        second.end_trial(trial_id, "FINISHED")
+    second.end_orphaned_trials(["kept", "fresh"])
+    assert second.close_all().ok
+    client = MlflowClient(mlflow_server)
+    runs = {
+        r.data.tags[tracking.TAG_TRIAL_ID]: r
+        for r in _runs(client, second.experiment_id)
+        if tracking.TAG_TRIAL_ID in r.data.tags
+    }
+    assert {t: r.info.status for t, r in runs.items()} == {
+        "kept": "FINISHED",
+        "fresh": "FINISHED",
+        "forgotten": "KILLED",
+    }
+    assert "replaced it" in runs["forgotten"].data.tags[tracking.TAG_ORPHANED]
+    assert _steps(client, runs["forgotten"].info.run_id, "val_acc") == [1]  # its data stay
