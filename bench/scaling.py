@@ -195,20 +195,24 @@ def local_ray(num_cpus: int, needed: bool) -> Iterator[None]:
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], int | None]:
-    """Run the variants ``rounds`` times, rotating the order each round."""
+    """Run the variants ``rounds`` times, rotating the order each round.
+
+    Ray runs only while a Ray variant trains: its daemons take CPU, and the local variants
+    must measure the plain process path, not a process sharing two cores with Ray.
+    """
     config = base_config(args)
     names = args.variant_list
     runs: dict[str, list[list[dict]]] = {name: [] for name in names}
-    needs_ray = any(name.startswith("ray") for name in names)
     worker_threads = None
-    with local_ray(args.num_cpus, needs_ray):
-        if needs_ray:
-            worker_threads = ray_worker_threads()
-        for round_index in range(args.rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            uses_ray = name.startswith("ray")
+            with local_ray(args.num_cpus, uses_ray):
+                if uses_ray and worker_threads is None:
+                    worker_threads = ray_worker_threads()
                 history = run_variant(variant_config(config, name), name, args.max_steps)
-                runs[name].append(history)
+            runs[name].append(history)
     return runs, worker_threads
 
 
