@@ -79,7 +79,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--loss-weight", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the small CNN ran 7x faster with 1 than with "
+        "torch's default 2 on the 2-core VM, see bench.scaling; 0 = torch's default)",
+    )
     add_output_args(parser)
     args = parser.parse_args(argv)
     if args.threads:
