@@ -235,15 +235,23 @@ def plot_epochs(runs: dict[str, list[list[dict]]], args: argparse.Namespace) -> 
     return relative_link(path, args.out)
 
 
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}"
+
+
 def build_report(
     args: argparse.Namespace,
     command: str,
     runs: dict[str, list[list[dict]]],
     worker_threads: int | None,
 ) -> tuple[str, dict[str, float]]:
-    speed = {name: median([steady_throughput(h) for h in hs]) for name, hs in runs.items()}
+    per_round = {name: [steady_throughput(h) for h in hs] for name, hs in runs.items()}
+    speed = {name: median(values) for name, values in per_round.items()}
     base = speed.get("local") or next(iter(speed.values()))
-    rows = [[name, DESCRIPTIONS[name], speed[name], speed[name] / base] for name in runs]
+    rows = [
+        [name, DESCRIPTIONS[name], speed[name], _spread(per_round[name]), speed[name] / base]
+        for name in runs
+    ]
     figures = {f"{name}_over_local": speed[name] / base for name in runs}
     figures.update({f"{name}_images_per_s": speed[name] for name in runs})
     if "ray_2_global" in speed and "ray_2_local" in speed:
@@ -258,7 +266,9 @@ def build_report(
             f"{args.max_steps or 'all'} steps/epoch, {args.rounds} round(s), variants run in "
             f"rotating order. Ray: local, {args.num_cpus} CPUs (`raytrain.init_ray`); torch "
             f"threads in a 1-CPU Ray worker: {threads}.\n",
-            format_table(["variant", "what", "images/s", "ratio to local"], rows),
+            format_table(
+                ["variant", "what", "images/s", "rounds (min-max)", "ratio to local"], rows
+            ),
             "",
             f"![images/s per epoch]({plot_epochs(runs, args)})",
         ]
