@@ -37,6 +37,7 @@ from bake_ray.models import MODEL_NAMES, build_model
 from bench.common import (
     CLOCKS,
     add_output_args,
+    block_key,
     clustered_features,
     command_line,
     emit,
@@ -52,6 +53,7 @@ from bench.common import (
     save_figure,
     section_header,
     steps_for_tolerance,
+    torch_threads,
 )
 
 HEADING = "## 1. BAKE overhead"
@@ -393,19 +395,21 @@ def build_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return run(args, command_line("bench.bake_overhead", argv))
+
+
+def run(args: argparse.Namespace, command: str) -> int:
     device = torch.device(args.device)
     if args.amp == "bf16" and (device.type != "cuda" or not torch.cuda.is_bf16_supported()):
         raise SystemExit("--amp bf16 needs a CUDA device with bf16 support")
-    command = command_line("bench.bake_overhead", argv)
     steps = step_variants(args, device)
     clock = CLOCKS[args.clock]
     step_times = interleaved_timings(steps, args.steps, args.warmup, device, clock)
     rows = [ensemble_row(args, batch, device, steps["ce"]) for batch in args.size_list]
     curves = bound_curves(args)
     body, figures = build_report(args, command, device, step_times, rows, curves)
-    emit(args, HEADING, KEY, body, figures)
+    emit(args, HEADING, block_key(KEY, device), body, figures)
     return 0
 
 

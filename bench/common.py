@@ -11,6 +11,7 @@ cancels most of it; only ratios measured that way are reported as key figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -19,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,21 @@ def interleaved_timings(
         for name in names[shift:] + names[:shift]:
             times[name].append(time_call(variants[name], device, clock))
     return times
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for a block, then restore it (None: leave it).
+
+    Restoring matters when benchmarks run inside a test session that shares the process.
+    """
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def median(values: Sequence[float]) -> float:
@@ -268,6 +284,11 @@ def emit(
         write_section(args.out, heading, key, body)
     if args.json is not None:
         args.json.write_text(json.dumps(dict(figures), indent=2, sort_keys=True) + "\n")
+
+
+def block_key(name: str, device: torch.device) -> str:
+    """The report block's key: GPU runs get their own block next to the CPU one."""
+    return name if device.type == "cpu" else f"{name}_{device.type}"
 
 
 def save_figure(figure: Any, plot_dir: Path, name: str) -> Path:

@@ -46,6 +46,7 @@ from bench.common import (
     relative_link,
     save_figure,
     section_header,
+    torch_threads,
 )
 
 HEADING = "## 3. Scaling"
@@ -120,18 +121,6 @@ def variant_config(config: Config, variant: str) -> Config:
     bake = dataclasses.replace(config.bake, global_ensembling=variant != "ray_2_local")
     runtime = dataclasses.replace(config.runtime, workers=workers)
     return dataclasses.replace(config, bake=bake, runtime=runtime)
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (None: leave it)."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_variant(config: Config, variant: str, max_steps: int | None) -> list[dict[str, float]]:

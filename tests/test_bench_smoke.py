@@ -49,7 +49,9 @@ def finite_positive(value: float) -> bool:
 
 
 def test_bake_overhead_smoke(tmp_path, capsys):
+    threads = torch.get_num_threads()
     figures = run_smoke(bake_overhead, tmp_path, capsys)
+    assert torch.get_num_threads() == threads  # its 1-thread CPU clock is undone afterwards
     for key in ("bake_over_ce_step", "iterative_over_solve_at_largest_b", "ce_step_s"):
         assert finite_positive(figures[key]), (key, figures[key])
     assert figures["worst_error_over_bound"] <= 1.0  # maths, not timing
