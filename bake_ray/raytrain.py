@@ -170,12 +170,22 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
 
 
 def check_cluster_fits(config: Config, address: str | None) -> None:
-    """Fail before compute if the worker group can never be placed (it would wait forever)."""
+    """Fail before compute if the worker group can never be placed (it would wait forever).
+
+    A joined cluster is judged by :mod:`bake_ray.capacity`: at full scale when it has an
+    autoscaler (the run then waits for nodes), as it is now otherwise.
+    """
     need = config.runtime.workers
     if address or os.environ.get("RAY_ADDRESS"):
+        from bake_ray import capacity
+
         init_ray(address)
-        available = ray.cluster_resources().get("GPU" if config.runtime.gpu else "CPU", 0)
-    elif config.runtime.gpu:
+        cap = capacity.read_capacity()
+        if cap.autoscaling:
+            print(capacity.describe_autoscaling(cap), flush=True)
+        capacity.check_run_fits(need, config.runtime.gpu, cap)
+        return
+    if config.runtime.gpu:
         import torch
 
         available = torch.cuda.device_count()
@@ -190,10 +200,13 @@ def check_cluster_fits(config: Config, address: str | None) -> None:
 
 def run_workers(config: Config, run_dir: Path, address: str | None) -> list[dict[str, float]]:
     """Train with ``config.runtime.workers`` Ray Train workers; checkpoints land in run_dir."""
+    from bake_ray import capacity
+
     init_ray(address)
     config = absolute_paths(config)
     trainer = build_trainer(config, run_dir.name, str(run_dir.parent))
-    result = trainer.fit()
+    with capacity.watch_pending(capacity.last_read_autoscales()):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None or (result.metrics or {}).get("diverged"):

@@ -158,6 +158,81 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
         _check_sqlite_dir(uri, path)
 
 
+ENV_TRACKING_WAIT_S = "BAKE_RAY_TRACKING_WAIT_S"
+DEFAULT_TRACKING_WAIT_S = 120.0
+
+
+def tracking_wait_s() -> float:
+    """How long a search on a cluster waits for the tracking server ($BAKE_RAY_TRACKING_WAIT_S)."""
+    raw = os.environ.get(ENV_TRACKING_WAIT_S, "")
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_TRACKING_WAIT_S
+    except ValueError:
+        raise TrackingError(f"{ENV_TRACKING_WAIT_S}={raw!r}: expected seconds") from None
+
+
+def wait_for_tracking(
+    uri: str, wait_s: float, say: Callable[[str], None] = print, interval_s: float = 2.0
+) -> None:
+    """:func:`check_tracking_reachable`, retried for up to ``wait_s`` for an HTTP server
+    that does not answer yet (a job submitted right after ``ray up`` starts before the head's
+    MLflow server listens). One line says it waits; the last error is raised after."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            check_tracking_reachable(uri)
+            return
+        except TrackingError:
+            if not _is_http(uri) or time.monotonic() + interval_s > deadline:
+                raise
+        if not said:
+            say(f"waiting up to {wait_s:.0f} s for the MLflow tracking server at {uri}")
+            said = True
+        time.sleep(interval_s)
+
+
+def _loopback_port(uri: str) -> int | None:
+    """The port of an http(s) URI on this host's loopback, else None."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or parsed.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def open_hint(uri: str, on_cluster: bool) -> str:
+    """How the user opens the MLflow UI of ``uri`` from where they are.
+
+    A server on the head's loopback is reached through SSH (``ray attach -p``); any other
+    server is its own UI; a database needs a local ``mlflow ui``.
+    """
+    port = _loopback_port(uri)
+    if on_cluster and port is not None:
+        return (
+            f"ray attach <your cluster yaml> -p {port} (it keeps a tunnel open), "
+            f"then browse http://127.0.0.1:{port}"
+        )
+    if _is_http(uri):
+        return f"browse {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def artifact_url(uri: str, run_id: str, path: str) -> str:
+    """The server route that returns one artifact file of a run (any artifact store)."""
+    query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+    return f"{uri.rstrip('/')}/get-artifact?{query}"
+
+
+def download_hint(uri: str, run_id: str, artifact_dir: str, local: Path) -> str | None:
+    """A ``curl`` line that saves ``artifact_dir/<local.name>`` of a run, through the same
+    tunnel as :func:`open_hint`; None when ``uri`` is not a server on the head's loopback."""
+    port = _loopback_port(uri)
+    if port is None:
+        return None
+    url = artifact_url(f"http://127.0.0.1:{port}", run_id, f"{artifact_dir}/{local.name}")
+    return f"curl -fo {local.name} '{url}' (through that tunnel)"
+
+
 def _check_http(uri: str, timeout_s: float) -> None:
     url = uri.rstrip("/") + "/health"
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,9 +25,9 @@ import optuna
 import pyarrow.fs
 from ray import tune
 
+from bake_ray import capacity, tracking
 from bake_ray import config as cfg
 from bake_ray import search_space as ss
-from bake_ray import tracking
 from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.config import ConfigError
 from bake_ray.data import check_data_available
@@ -442,6 +443,7 @@ class Plan:
     storage: str
     name: str
     tracking_uri: str
+    joined: bool = False  # joined an existing cluster (--address / RAY_ADDRESS)
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -451,7 +453,8 @@ def plan(args: argparse.Namespace) -> Plan:
         overrides.append(f"budget.num_samples={args.num_samples}")
     space = ss.load(args.config, overrides)
     check_data_available(space.base.data)
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if not joined:
         _check_fits_this_machine(space)
     storage = resolve_storage(args.storage)
     name = find_experiment(storage, space, args.name, args.resume)
@@ -459,8 +462,11 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.resume and not _can_restore(exp_path):
         raise ConfigError(f"--resume: {exp_path} holds no restorable search")
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    tracking.check_tracking_reachable(uri)  # last: for sqlite it creates the database's folder
-    return Plan(space, storage, name, uri)
+    # Last: for sqlite it creates the database's folder. On a cluster the server may still
+    # be starting (a job submitted right after `ray up`): wait for it, boundedly.
+    wait_s = tracking.tracking_wait_s() if joined else 0.0
+    tracking.wait_for_tracking(uri, wait_s, say=lambda line: print(line, flush=True))
+    return Plan(space, storage, name, uri, joined)
 
 
 def _check_fits_this_machine(space: ss.SearchSpace) -> None:
@@ -474,22 +480,23 @@ def _check_fits_this_machine(space: ss.SearchSpace) -> None:
         ss.check_fits(space, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
 
 
-def _init_ray(address: str | None) -> tuple[float, float, bool]:
-    """Join or start Ray; returns (CPUs, GPUs, whether a TRAIN_DRIVER slot exists)."""
-    import ray
-
+def _init_ray(address: str | None) -> tuple[capacity.Capacity, bool]:
+    """Join or start Ray; returns its capacity (now, and at full scale when it autoscales)
+    and whether a TRAIN_DRIVER slot exists."""
     from bake_ray.raytrain import init_ray
 
     init_ray(address)
-    resources = ray.cluster_resources()
-    return resources.get("CPU", 0.0), resources.get("GPU", 0.0), "TRAIN_DRIVER" in resources
+    cap = capacity.read_capacity()
+    if cap.autoscaling:
+        print(capacity.describe_autoscaling(cap), flush=True)
+    return cap, "TRAIN_DRIVER" in cap.now
 
 
 def run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
     """Run (or resume) the search and return its trials ranked by best validation accuracy."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # restorable state after each step
-    cpus, gpus, driver_slot = _init_ray(address)
-    concurrency = ss.check_fits(p.space, cpus, gpus)
+    cap, driver_slot = _init_ray(address)
+    concurrency = capacity.search_concurrency(p.space, cap, driver_slot)
     tracker = tracking.SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
     _TRACKERS[p.name] = tracker
     exp_path = f"{p.storage.rstrip('/')}/{p.name}"
@@ -512,7 +519,8 @@ def run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
         f"{p.space.epochs} epochs max; checkpoints in {exp_path}",
         flush=True,
     )
-    results = tuner.fit()
+    with capacity.watch_pending(cap.autoscaling):
+        results = tuner.fit()
     rows = sorted((_row(r, p.space) for r in results), key=lambda r: -r.best_val_acc)
     _finish(tracker, p, rows, exp_path)
     return rows
@@ -574,7 +582,7 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
         print(
             f"best trial {best.trial_id}: val {best.best_val_acc:.4f}, test {best.test_acc:.4f}; "
             f"config written to {best_path}\n"
-            f"  train it: python -m bake_ray.train --config {best_path}"
+            f"  train it: {_train_hint(p, tracker, best_path)}"
         )
     tracker.end_orphaned_trials(row.trial_id for row in rows)
     report = tracker.close_all()
@@ -582,9 +590,31 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
         print(f"warning: MLflow is missing some writes: {report}", file=sys.stderr)
     print(
         f"MLflow: experiment '{p.space.name}', parent run '{p.name}' at {p.tracking_uri}\n"
-        f"  open it: mlflow ui --backend-store-uri {p.tracking_uri}",
+        f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}",
         flush=True,
     )
+
+
+def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path) -> str:
+    """How to train the winner from where the user is: on a cluster, a job whose config
+    comes from MLflow (the search's files stay on the cluster); here, this interpreter."""
+    if not p.joined:
+        return f"{_python()} -m bake_ray.train --config {best_path}"
+    fetch = tracking.download_hint(p.tracking_uri, tracker.parent_run_id, "summary", best_path)
+    config = best_path.name if fetch else best_path  # else: the storage is the cluster's own
+    submit = (
+        "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+        f"python -m bake_ray.train --config {config}"
+    )
+    return f"{fetch}, then\n    {submit}" if fetch else submit
+
+
+def _python() -> str:
+    """This interpreter, as short as it can be said: ``python`` when that is the one on PATH."""
+    found = shutil.which("python")
+    if found and Path(found).resolve() == Path(sys.executable).resolve():
+        return "python"
+    return sys.executable
 
 
 def _best_config_path(exp_path: str) -> Path:

@@ -284,3 +284,98 @@ def train_reports(logs: Path) -> list[TrainReport]:
                     )
                 )
     return sorted(reports, key=lambda r: r.time_ns)
+
+
+# --------------------------------------------------------------------------- autoscaling
+
+
+_EMPTY_LISTS = (
+    "cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+    "setup_commands", "head_setup_commands", "worker_setup_commands",
+    "head_start_ray_commands", "worker_start_ray_commands",
+)  # fmt: skip
+
+
+class AutoscalingCluster(LocalCluster):
+    """A head with Ray's real autoscaler and its ``fake_multinode`` provider: worker nodes
+    are real raylets on this machine that the autoscaler starts and stops itself.
+
+    The autoscaler runs as the head's monitor process and starts each node in it, so every
+    node lives in the head's ``ray start`` session and :meth:`shutdown` ends them all. The
+    v1 autoscaler: the v2 one needs ``fake_multi_node/example.yaml``, which the wheel lacks.
+    """
+
+    HEAD_TYPE = "ray.head.default"  # the node type the fake provider gives the head
+
+    def start_autoscaling_head(
+        self,
+        head_resources: dict[str, float],
+        worker_types: dict[str, dict[str, Any]],
+        idle_timeout_minutes: float = 0.1,
+    ) -> Node:
+        """The head offers ``head_resources`` (no CPU) and may add nodes of ``worker_types``
+        (``{name: {"resources": ..., "max_workers": N}}``), each from zero."""
+        config = {
+            "cluster_name": "bake-ray-fake",
+            "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": idle_timeout_minutes,
+            "provider": {
+                "type": "fake_multinode",
+                "gcs_address": f"127.0.0.1:{self.gcs_port}",  # fake nodes dial 6379 otherwise
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
+            "auth": {"ssh_user": "ray"},
+            "head_node_type": self.HEAD_TYPE,
+            "available_node_types": {
+                self.HEAD_TYPE: {"resources": head_resources, "node_config": {}, "max_workers": 0},
+                **{
+                    name: {
+                        # each fake node's object store: the minimum, not 30% of RAM
+                        "resources": {"object_store_memory": OBJECT_STORE_BYTES, **t["resources"]},
+                        "node_config": {},
+                        "min_workers": 0,
+                        "max_workers": t["max_workers"],
+                    }
+                    for name, t in worker_types.items()
+                },
+            },
+            **{key: {} for key in ("file_mounts", "docker")},
+            **{key: [] for key in _EMPTY_LISTS},  # the monitor reads them, nothing runs them
+            "file_mounts_sync_continuously": False,
+        }
+        self.config_path = self.root.with_name(f"{self.root.name}.autoscaling.yaml")
+        self.config_path.write_text(json.dumps(config))
+        self.env.update(
+            {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+             "RAY_enable_autoscaler_v2": "0"}
+        )  # fmt: skip
+        head = self._start(
+            "head",
+            [
+                "--head", "--port", str(self.gcs_port), "--temp-dir", str(self.root),
+                "--node-ip-address", "127.0.0.1",
+                "--autoscaling-config", str(self.config_path),
+                "--num-cpus", "0",
+                "--resources", json.dumps({k: v for k, v in head_resources.items() if k != "CPU"}),
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                "--ray-client-server-port", str(free_port()),
+            ],
+        )  # fmt: skip
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        return head
+
+    def worker_node_ids(self, alive_only: bool) -> set[str]:
+        """Ids of the nodes the autoscaler added (dead ones too unless ``alive_only``)."""
+        return {
+            n["node_id"]
+            for n in self.state("nodes")
+            if not n["is_head_node"] and (n["state"] == "ALIVE" or not alive_only)
+        }
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if hasattr(self, "config_path"):
+            self.config_path.unlink(missing_ok=True)
