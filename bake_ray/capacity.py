@@ -136,7 +136,9 @@ def slots(node: Mapping[str, float], bundle: Mapping[str, float]) -> int:
 # --------------------------------------------------------------------------- the check
 
 
-def full_scale_concurrency(cap: Capacity, need: Need, field_name: str) -> int:
+def full_scale_concurrency(
+    cap: Capacity, need: Need, field_name: str, what: str = "one trial"
+) -> int:
     """How many trials (runs) fit at once at full scale; raise if not even one ever fits.
 
     Workers may spread over nodes (bake-ray asks Ray Train for SPREAD), so a trial fits
@@ -148,7 +150,7 @@ def full_scale_concurrency(cap: Capacity, need: Need, field_name: str) -> int:
         return fits
     if cap.unknown_types:
         return 0  # cannot be judged before such a node starts: not refused
-    raise ConfigError(f"{field_name}: {_never_fits(cap, need, worker_slots)}")
+    raise ConfigError(f"{field_name}: {what} {_never_fits(cap, need, worker_slots)}")
 
 
 def _fits(nodes: list[Mapping[str, float]], need: Need) -> tuple[int, int]:
@@ -186,7 +188,7 @@ def check_run_fits(workers: int, gpu: bool, cap: Capacity) -> None:
     """Raise if a ``train --workers N`` run can never be placed (it would wait for ever)."""
     kind = "GPU" if gpu else "CPU"
     if cap.autoscaling:
-        full_scale_concurrency(cap, run_need(workers, gpu), "runtime.workers")
+        full_scale_concurrency(cap, run_need(workers, gpu), "runtime.workers", "the run")
         return
     available = cap.now.get(kind, 0.0)
     if workers > available:
@@ -209,12 +211,33 @@ def _never_fits(cap: Capacity, need: Need, worker_slots: int) -> str:
     )
     driver = f" plus a driver with {format_resources(need.driver)}" if need.driver else ""
     return (
-        f"one trial needs {need.describe()}{driver}; {where}; the largest node type "
+        f"needs {need.describe()}{driver}; {where}; the largest node type "
         f"'{largest.name}' has {format_resources(largest.resources)} ({count})"
     )
 
 
 # --------------------------------------------------------------------------- reading Ray
+
+
+def join(address: str | None) -> Capacity:
+    """Join ``address``/``RAY_ADDRESS`` (or start a local Ray) and read its capacity.
+
+    Joining says nothing on stderr (Ray's "Connecting to existing Ray cluster" lines would
+    bury a one-line refusal); the driver's Ray logger is back to INFO afterwards.
+    """
+    import logging
+
+    from bake_ray.raytrain import init_ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        init_ray(address, logging_level=logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.INFO)
+    else:
+        init_ray(None)
+    cap = read_capacity()
+    if cap.autoscaling:
+        print(describe_autoscaling(cap), flush=True)
+    return cap
 
 
 _last_read: list[Capacity] = []  # the latest read_capacity() of this process
@@ -329,25 +352,26 @@ class PendingWatcher:
 
     say: Callable[[str], None] = print
     every_s: float = WAIT_LINE_EVERY_S
+    noun: str = "trial"  # what one placement group is to the user
     _last_said: float = -math.inf
 
     def poll(self, now: float | None = None) -> str | None:
         now = time.monotonic() if now is None else now
         if now - self._last_said < self.every_s:
             return None
-        line = waiting_line(list(_pending_bundles().values()))
+        line = waiting_line(list(_pending_bundles().values()), self.noun)
         if line:
             self._last_said = now
             self.say(line)
         return line
 
 
-def waiting_line(pending: list[list[Mapping[str, float]]]) -> str | None:
+def waiting_line(pending: list[list[Mapping[str, float]]], noun: str = "trial") -> str | None:
     """``waiting for the autoscaler: 2 trials pending (need CPU: 1 each)``, or None."""
     if not pending:
         return None
     needs = sorted({_group_need(bundles) for bundles in pending})
-    noun = "trial" if len(pending) == 1 else "trials"
+    noun = noun if len(pending) == 1 else f"{noun}s"
     return (
         f"waiting for the autoscaler: {len(pending)} {noun} pending (need {'; '.join(needs)} each)"
     )
@@ -375,13 +399,13 @@ def _pending_bundles() -> dict[str, list[Mapping[str, float]]]:
 
 
 @contextlib.contextmanager
-def watch_pending(enabled: bool, interval_s: float = 1.0) -> Iterator[None]:
+def watch_pending(enabled: bool, noun: str = "trial", interval_s: float = 1.0) -> Iterator[None]:
     """Poll a :class:`PendingWatcher` from a daemon thread while the block runs."""
     if not enabled:
         yield
         return
     stop = threading.Event()
-    watcher = PendingWatcher(say=lambda line: print(line, flush=True))
+    watcher = PendingWatcher(say=lambda line: print(line, flush=True), noun=noun)
 
     def loop() -> None:
         while not stop.wait(interval_s):

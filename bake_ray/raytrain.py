@@ -179,11 +179,7 @@ def check_cluster_fits(config: Config, address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         from bake_ray import capacity
 
-        init_ray(address)
-        cap = capacity.read_capacity()
-        if cap.autoscaling:
-            print(capacity.describe_autoscaling(cap), flush=True)
-        capacity.check_run_fits(need, config.runtime.gpu, cap)
+        capacity.check_run_fits(need, config.runtime.gpu, capacity.join(address))
         return
     if config.runtime.gpu:
         import torch
@@ -205,7 +201,7 @@ def run_workers(config: Config, run_dir: Path, address: str | None) -> list[dict
     init_ray(address)
     config = absolute_paths(config)
     trainer = build_trainer(config, run_dir.name, str(run_dir.parent))
-    with capacity.watch_pending(capacity.last_read_autoscales()):
+    with capacity.watch_pending(capacity.last_read_autoscales(), "worker group"):
         result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -483,12 +483,7 @@ def _check_fits_this_machine(space: ss.SearchSpace) -> None:
 def _init_ray(address: str | None) -> tuple[capacity.Capacity, bool]:
     """Join or start Ray; returns its capacity (now, and at full scale when it autoscales)
     and whether a TRAIN_DRIVER slot exists."""
-    from bake_ray.raytrain import init_ray
-
-    init_ray(address)
-    cap = capacity.read_capacity()
-    if cap.autoscaling:
-        print(capacity.describe_autoscaling(cap), flush=True)
+    cap = capacity.join(address)
     return cap, "TRAIN_DRIVER" in cap.now
 
 
@@ -582,7 +577,7 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
         print(
             f"best trial {best.trial_id}: val {best.best_val_acc:.4f}, test {best.test_acc:.4f}; "
             f"config written to {best_path}\n"
-            f"  train it: {_train_hint(p, tracker, best_path)}"
+            f"  train it: {_train_hint(p, tracker, best_path, config.runtime.workers == 0)}"
         )
     tracker.end_orphaned_trials(row.trial_id for row in rows)
     report = tracker.close_all()
@@ -595,16 +590,18 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
     )
 
 
-def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path) -> str:
+def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path, in_process: bool) -> str:
     """How to train the winner from where the user is: on a cluster, a job whose config
-    comes from MLflow (the search's files stay on the cluster); here, this interpreter."""
+    comes from MLflow (the search's files stay on the cluster) and that trains on a worker
+    node (one Ray Train worker, not in the job's process on the head); here, this
+    interpreter."""
     if not p.joined:
         return f"{_python()} -m bake_ray.train --config {best_path}"
     fetch = tracking.download_hint(p.tracking_uri, tracker.parent_run_id, "summary", best_path)
     config = best_path.name if fetch else best_path  # else: the storage is the cluster's own
     submit = (
         "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
-        f"python -m bake_ray.train --config {config}"
+        f"python -m bake_ray.train --config {config}{' --workers 1' if in_process else ''}"
     )
     return f"{fetch}, then\n    {submit}" if fetch else submit
 

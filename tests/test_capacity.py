@@ -103,7 +103,7 @@ def test_nodes_up_now_count_when_they_exceed_the_config() -> None:
 
 def test_train_runs_use_ray_trains_default_worker_resources() -> None:
     capacity.check_run_fits(24, gpu=True, cap=shipped_from_zero())  # every GPU node, spread
-    with pytest.raises(ConfigError, match=r"^runtime.workers: one trial needs 25 workers of GPU"):
+    with pytest.raises(ConfigError, match=r"^runtime.workers: the run needs 25 workers of GPU"):
         capacity.check_run_fits(25, gpu=True, cap=shipped_from_zero())
     fixed = Capacity(nodes_now=(HEAD, {"CPU": 2.0}))
     with pytest.raises(ConfigError, match=r"^runtime.workers: 3 workers need 3 CPUs, .* has 2$"):
