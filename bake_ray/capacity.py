@@ -229,12 +229,13 @@ def join(address: str | None) -> Capacity:
 
     from bake_ray.raytrain import init_ray
 
-    if address or os.environ.get("RAY_ADDRESS"):
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    if joined:
         init_ray(address, logging_level=logging.WARNING)
         logging.getLogger("ray").setLevel(logging.INFO)
     else:
         init_ray(None)
-    cap = read_capacity()
+    cap = read_capacity(node_types=joined)  # a Ray started here has no autoscaler
     if cap.autoscaling:
         print(describe_autoscaling(cap), flush=True)
     return cap
@@ -248,20 +249,21 @@ def last_read_autoscales() -> bool:
     return bool(_last_read) and _last_read[-1].autoscaling
 
 
-def read_capacity() -> Capacity:
-    """The capacity of the cluster this process joined (``ray.init`` done)."""
-    cap = _read_capacity()
+def read_capacity(node_types: bool = True) -> Capacity:
+    """The capacity of the cluster this process joined (``ray.init`` done); its autoscaler's
+    node types are looked up only when ``node_types`` is true."""
+    cap = _read_capacity(node_types)
     _last_read[:] = [cap]
     return cap
 
 
-def _read_capacity() -> Capacity:
+def _read_capacity(node_types: bool) -> Capacity:
     import ray
 
     nodes = tuple(
         dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive", n.get("alive"))
     )
-    config = _head_autoscaling_config()
+    config = _head_autoscaling_config() if node_types else None
     if config is None:
         return Capacity(nodes_now=nodes)
     path, node_types, max_workers = config
