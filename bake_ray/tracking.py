@@ -203,8 +203,8 @@ def _loopback_port(uri: str) -> int | None:
 def open_hint(uri: str, on_cluster: bool) -> str:
     """How the user opens the MLflow UI of ``uri`` from where they are.
 
-    A server on the head's loopback is reached through SSH (``ray attach -p``); any other
-    server is its own UI; a database needs a local ``mlflow ui``.
+    On a cluster, a server on the head's loopback is reached through SSH (``ray attach
+    -p``) and any other server is its own UI; on this machine, ``mlflow ui`` as before.
     """
     port = _loopback_port(uri)
     if on_cluster and port is not None:
@@ -212,7 +212,7 @@ def open_hint(uri: str, on_cluster: bool) -> str:
             f"ray attach <your cluster yaml> -p {port} (it keeps a tunnel open), "
             f"then browse http://127.0.0.1:{port}"
         )
-    if _is_http(uri):
+    if on_cluster and _is_http(uri):
         return f"browse {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
 

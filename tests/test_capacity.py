@@ -139,8 +139,8 @@ def test_hints_open_mlflow_from_where_the_user_is() -> None:
         "ray attach <your cluster yaml> -p 5000 (it keeps a tunnel open), "
         "then browse http://127.0.0.1:5000"
     )
-    assert tracking.open_hint("http://127.0.0.1:5000", on_cluster=False) == (
-        "browse http://127.0.0.1:5000"
+    assert tracking.open_hint("http://10.0.0.5:5000", on_cluster=True) == (
+        "browse http://10.0.0.5:5000"
     )
     assert tracking.open_hint("sqlite:////x/mlflow.db", on_cluster=False) == (
         "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
