@@ -78,9 +78,12 @@ class Capacity:
                 total[key] = total.get(key, 0.0) + value
         return total
 
-    def full_scale_nodes(self) -> list[tuple[str, Mapping[str, float]]]:
+    def full_scale_nodes(
+        self, prefer: tuple[str, ...] = _SHOWN
+    ) -> list[tuple[str, Mapping[str, float]]]:
         """Every node the cluster can have at once: the head, then up to ``max_workers``
-        worker nodes of the known types (a per-resource bound: the biggest first)."""
+        worker nodes of the known types, those with the most of ``prefer`` first (so a cut
+        by ``max_workers`` keeps what the trial needs: an upper bound)."""
         heads = [(t.name, t.resources) for t in self.node_types if t.max_nodes < 0]
         workers = [
             (t.name, t.resources)
@@ -88,7 +91,7 @@ class Capacity:
             if t.resources
             for _ in range(t.max_nodes)
         ]
-        workers.sort(key=lambda n: tuple(-n[1].get(k, 0.0) for k in _SHOWN))
+        workers.sort(key=lambda n: tuple(-n[1].get(k, 0.0) for k in prefer))
         if self.max_workers is not None:
             workers = workers[: self.max_workers]
         return heads + workers
@@ -144,7 +147,8 @@ def full_scale_concurrency(
     Workers may spread over nodes (bake-ray asks Ray Train for SPREAD), so a trial fits
     when enough worker bundles fit over all nodes and its driver bundle fits somewhere.
     """
-    scale = [res for _, res in cap.full_scale_nodes()]
+    prefer = tuple(sorted((k for k, v in need.per_worker.items() if v), key=lambda k: k != "GPU"))
+    scale = [res for _, res in cap.full_scale_nodes(prefer)]
     fits, worker_slots = max(_fits(scale, need), _fits(list(cap.nodes_now), need))
     if fits >= 1:
         return fits

@@ -69,6 +69,19 @@ def test_the_global_max_workers_caps_the_nodes_counted() -> None:
         capacity.full_scale_concurrency(cap, Need(5, {"CPU": 1}, {"TRAIN_DRIVER": 1}), "budget")
 
 
+def test_a_max_workers_cut_keeps_the_node_types_the_trial_needs() -> None:
+    """Up to 5 nodes of either type, 5 in all: GPU trials count the GPU nodes, CPU trials
+    the big CPU nodes (each an upper bound for that trial)."""
+    types = (
+        NodeType("head", {"CPU": 0}, -1),
+        NodeType("cpu96", {"CPU": 96}, 5),
+        NodeType("gpu1", {"CPU": 4, "GPU": 1}, 5),
+    )
+    cap = Capacity(nodes_now=(HEAD,), node_types=types, max_workers=5)
+    assert capacity.full_scale_concurrency(cap, Need(1, {"CPU": 1, "GPU": 1}), "budget") == 5
+    assert capacity.full_scale_concurrency(cap, Need(1, {"CPU": 8}), "budget") == 5 * 12
+
+
 def test_a_trial_no_node_type_holds_is_refused_in_one_line_naming_the_largest_type() -> None:
     with pytest.raises(ConfigError) as info:
         capacity.full_scale_concurrency(
