@@ -607,9 +607,10 @@ def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path, in_pr
 
 
 def _python() -> str:
-    """This interpreter, as short as it can be said: ``python`` when that is the one on PATH."""
+    """This interpreter, as short as it can be said: ``python`` when that is the one on PATH.
+    Paths are compared unresolved: a venv's python is a link to a python without bake-ray."""
     found = shutil.which("python")
-    if found and Path(found).resolve() == Path(sys.executable).resolve():
+    if found and Path(found).absolute() == Path(sys.executable).absolute():
         return "python"
     return sys.executable
 
