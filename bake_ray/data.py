@@ -531,6 +531,27 @@ def _check_imagefolder(cfg: DataConfig) -> None:
                 f"data.data_dir: {root / part} not found; imagefolder needs "
                 "<data_dir>/train/<class>/... and <data_dir>/val/<class>/..."
             )
+    train, val = _class_folders(root / "train"), _class_folders(root / "val")
+    if train != val:
+        only = f"only in train: {_few(train - val)}; only in val: {_few(val - train)}"
+        raise ConfigError(
+            f"data.data_dir: class folders of {root / 'val'} differ from those of "
+            f"{root / 'train'} ({only})"
+        )
+
+
+def _class_folders(folder: Path) -> set[str]:
+    """Class names as ``ImageFolder`` finds them: the sub-folders (label i = i-th sorted)."""
+    return {entry.name for entry in os.scandir(folder) if entry.is_dir()}
+
+
+def _few(names: set[str], shown: int = 3) -> str:
+    """Up to ``shown`` names for a one-line message, then how many more."""
+    if not names:
+        return "none"
+    ordered = sorted(names)
+    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
+    return ", ".join(ordered[:shown]) + more
 
 
 # --------------------------------------------------------------------------- sampler
