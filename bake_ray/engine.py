@@ -377,7 +377,7 @@ def fit(
     if resume is not None:
         history = restore(state, ckpt.load(resume), ctx.rank)
     while state.epoch < config.epochs:
-        loaders.train_sampler.set_epoch(state.epoch)
+        loaders.set_epoch(state.epoch)
         train = train_one_epoch(state, loaders.train, ctx, config.runtime.amp, max_steps_per_epoch)
         state.epoch += 1
         state.train_time_s += train["epoch_time_s"]

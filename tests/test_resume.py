@@ -138,6 +138,23 @@ def test_two_gloo_workers_resume_bit_exact_with_augmentation(tmp_path: Path) -> 
         assert torch.equal(a["torch"], b["torch"])  # every rank's RNG ends where it would have
 
 
+@pytest.mark.slow
+def test_resume_is_exact_with_loader_worker_processes(tmp_path: Path) -> None:
+    """``data.loader_workers: 2`` (the shipped GPU recipes use several): augmentation runs in
+    loader worker processes, seeded per epoch, so a resume reproduces it too."""
+    config = cfg.from_dict({**SMALL, "epochs": 3, "data": {**SMALL["data"], "loader_workers": 2}})
+    cpu = Context(torch.device("cpu"))
+    for name in ("straight", "crashed"):
+        (tmp_path / name).mkdir()
+    fit(config, _DirReporter(tmp_path / "straight", None, None), cpu)
+    with pytest.raises(_Stop):
+        fit(config, _DirReporter(tmp_path / "crashed", None, stop_after=1), cpu)
+    fit(config, _DirReporter(tmp_path / "crashed", tmp_path / "crashed" / "epoch_1.pt", None), cpu)
+    resumed = ckpt.load(tmp_path / "crashed" / "epoch_3.pt")
+    _assert_same_weights(ckpt.load(tmp_path / "straight" / "epoch_3.pt"), resumed)
+    _assert_continued(resumed, ckpt.load(tmp_path / "crashed" / "epoch_1.pt")["history"])
+
+
 # --------------------------------------------------------------------------- real processes
 
 EPOCHS = 5  # interrupted after epoch 2: three epochs of margin for the kill to land in
