@@ -116,7 +116,8 @@ def test_a_missing_system_package_skips_locally_but_fails_in_ci(tmp_path):
     tests_dir = str(Path(__file__).resolve().parent)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "system_packages", "test_needs_it.py"]
+    # The suite's own conftest as a plugin: the hook must be wired in there.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "test_needs_it.py"]
 
     def run(ci: str | None) -> subprocess.CompletedProcess[str]:
         extra = {} if ci is None else {"CI": ci}
