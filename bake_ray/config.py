@@ -246,6 +246,17 @@ def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` parser whose usage errors are one line, like every other bad input.
+
+    argparse prints the whole usage block before its message; bake-ray's rule is one line
+    that names the problem (``--help`` still shows the usage), then exit code 2.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def add_override_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     """The ``--set KEY=VALUE`` option (repeatable) shared by every command line."""
     parser.add_argument(

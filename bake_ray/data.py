@@ -531,6 +531,27 @@ def _check_imagefolder(cfg: DataConfig) -> None:
                 f"data.data_dir: {root / part} not found; imagefolder needs "
                 "<data_dir>/train/<class>/... and <data_dir>/val/<class>/..."
             )
+    train, val = _class_folders(root / "train"), _class_folders(root / "val")
+    if train != val:
+        only = f"only in train: {_few(train - val)}; only in val: {_few(val - train)}"
+        raise ConfigError(
+            f"data.data_dir: class folders of {root / 'val'} differ from those of "
+            f"{root / 'train'} ({only})"
+        )
+
+
+def _class_folders(folder: Path) -> set[str]:
+    """Class names as ``ImageFolder`` finds them: the sub-folders (label i = i-th sorted)."""
+    return {entry.name for entry in os.scandir(folder) if entry.is_dir()}
+
+
+def _few(names: set[str], shown: int = 3) -> str:
+    """Up to ``shown`` names for a one-line message, then how many more."""
+    if not names:
+        return "none"
+    ordered = sorted(names)
+    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
+    return ", ".join(ordered[:shown]) + more
 
 
 # --------------------------------------------------------------------------- sampler
@@ -661,12 +682,25 @@ def _cycled_offsets(own: int, size: int, m: int, generator: torch.Generator) -> 
 
 @dataclass(frozen=True)
 class Loaders:
-    """The three loaders of a run; call ``train_sampler.set_epoch(e)`` before each epoch."""
+    """The three loaders of a run; call :meth:`set_epoch` before each training epoch."""
 
     train: DataLoader
     val: DataLoader
     test: DataLoader
     train_sampler: ClassAwareBatchSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's batches and its augmentation seeds, from (seed, rank, epoch).
+
+        Loader worker processes seed their augmentation RNG from the loader's generator
+        when an epoch's iterator starts; reseeding it per epoch makes an epoch's
+        augmentations the same whether the run got there straight or through a resume.
+        Without worker processes augmentation uses this process's RNG instead, which
+        checkpoints save and restore.
+        """
+        self.train_sampler.set_epoch(epoch)
+        sampler = self.train_sampler
+        self.train.generator.manual_seed(derive_seed(sampler.seed, "loader", sampler.rank, epoch))
 
 
 def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
@@ -702,8 +736,13 @@ def build_loaders(
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": cfg.loader_workers > 0,
     }
+    # Training workers start afresh each epoch, seeded by Loaders.set_epoch: persistent ones
+    # would carry their RNG across epochs, which a resumed run cannot reproduce.
     train = DataLoader(
-        splits.train, batch_sampler=sampler, generator=_generator(seed, "loader", rank), **options
+        splits.train,
+        batch_sampler=sampler,
+        generator=_generator(seed, "loader", rank),
+        **{**options, "persistent_workers": False},
     )
 
     def evaluation(dataset: Dataset, name: str) -> DataLoader:

@@ -219,8 +219,33 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def checkpoint_state(state: RunState, config: Config, history: list[dict[str, float]]) -> dict:
-    """All that an exact resume needs, in plain types that ``weights_only`` loading accepts."""
+def rng_states_of_all_ranks(ctx: Context) -> list[dict[str, Any]]:
+    """Every worker's RNG state, in rank order (a collective: call it on every rank).
+
+    Each worker draws its own augmentation from its own RNG, so an exact resume needs each
+    rank's state back on that rank, not rank 0's everywhere.
+    """
+    mine = ckpt.rng_state()
+    if not ctx.distributed:
+        return [mine]
+    states: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def checkpoint_state(
+    state: RunState,
+    config: Config,
+    history: list[dict[str, float]],
+    rng_by_rank: list[dict[str, Any]] | None = None,
+) -> dict:
+    """All that an exact resume needs, in plain types that ``weights_only`` loading accepts.
+
+    ``rng_by_rank`` holds every worker's RNG state (from :func:`rng_states_of_all_ranks`);
+    without it, this process's state stands for a one-worker run. ``rng`` keeps rank 0's
+    state for checkpoints read by older code.
+    """
+    rng_by_rank = rng_by_rank or [ckpt.rng_state()]
     return {
         "model": _unwrapped(state.model).state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -231,14 +256,20 @@ def checkpoint_state(state: RunState, config: Config, history: list[dict[str, fl
         "best_epoch": state.best_epoch,
         "test_acc_at_best": state.test_acc_at_best,
         "train_time_s": state.train_time_s,
-        "rng": ckpt.rng_state(),
+        "rng": rng_by_rank[0],
+        "rng_by_rank": rng_by_rank,
         "history": history,
         "config": to_dict(config),
     }
 
 
-def restore(state: RunState, saved: dict[str, Any]) -> list[dict[str, float]]:
-    """Load a checkpoint into the run; returns the metric history so far."""
+def restore(state: RunState, saved: dict[str, Any], rank: int = 0) -> list[dict[str, float]]:
+    """Load a checkpoint into the run on worker ``rank``; returns the metric history so far.
+
+    Each rank gets its own saved RNG state back. A rank the checkpoint has no state for (the
+    run was saved with fewer workers) keeps its fresh seed: it cannot continue exactly, and
+    copying another rank's state would make two workers draw identical augmentations.
+    """
     _unwrapped(state.model).load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -248,7 +279,9 @@ def restore(state: RunState, saved: dict[str, Any]) -> list[dict[str, float]]:
     state.best_epoch = int(saved["best_epoch"])
     state.test_acc_at_best = float(saved["test_acc_at_best"])
     state.train_time_s = float(saved.get("train_time_s", 0.0))
-    ckpt.restore_rng_state(saved["rng"])
+    by_rank = saved.get("rng_by_rank") or [saved["rng"]]  # older checkpoints: rank 0 only
+    if rank < len(by_rank):
+        ckpt.restore_rng_state(by_rank[rank])
     return list(saved.get("history", []))
 
 
@@ -342,9 +375,9 @@ def fit(
     history: list[dict[str, float]] = []
     resume = reporter.resume_from()
     if resume is not None:
-        history = restore(state, ckpt.load(resume))
+        history = restore(state, ckpt.load(resume), ctx.rank)
     while state.epoch < config.epochs:
-        loaders.train_sampler.set_epoch(state.epoch)
+        loaders.set_epoch(state.epoch)
         train = train_one_epoch(state, loaders.train, ctx, config.runtime.amp, max_steps_per_epoch)
         state.epoch += 1
         state.train_time_s += train["epoch_time_s"]
@@ -365,12 +398,14 @@ def _report_with_checkpoint(
     ctx: Context,
 ) -> None:
     """Rank 0 writes the checkpoint into a temporary folder that the reporter persists."""
+    rng_by_rank = rng_states_of_all_ranks(ctx)
     with tempfile.TemporaryDirectory(prefix="bake_ray_ckpt_") as tmp:
         checkpoint_dir = None
         if ctx.rank == 0:
             checkpoint_dir = Path(tmp)
             ckpt.atomic_save(
-                checkpoint_state(state, config, history), checkpoint_dir / ckpt.CHECKPOINT_FILE
+                checkpoint_state(state, config, history, rng_by_rank),
+                checkpoint_dir / ckpt.CHECKPOINT_FILE,
             )
             (checkpoint_dir / ckpt.METRICS_FILE).write_text(json.dumps(history[-1]))
         reporter.report(history[-1], checkpoint_dir)

@@ -97,7 +97,7 @@ def default_run_name(config: Config) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cfg.ArgumentParser(
         prog="python -m bake_ray.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--config", type=Path, help="YAML config (defaults: digits, small CNN)")

@@ -386,7 +386,7 @@ def study_from_rows(rows: list[TrialRow], space: ss.SearchSpace) -> optuna.Study
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cfg.ArgumentParser(
         prog="python -m bake_ray.tune", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_SPACE, help="search-space YAML")

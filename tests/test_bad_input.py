@@ -102,6 +102,14 @@ CASES = [
     Case("train-yaml-python-tag", "train", ("--config", "@IN@/c.yaml"),
          "could not determine a constructor for the tag",
          {"c.yaml": f"seed: {PYTHON_TAG}\n"}),
+    Case("train-imagefolder-classes-differ", "train",
+         ("--set", "data.dataset=imagefolder", "--set", "data.data_dir=@IN@/img"),
+         "data.data_dir: class folders of @IN@/img/val differ from those of @IN@/img/train "
+         "(only in train: bee; only in val: wasp)",
+         {"img/train/ant/0.png": "x", "img/train/bee/0.png": "x", "img/val/ant/0.png": "x",
+          "img/val/wasp/0.png": "x"}),
+    Case("train-argument-type", "train", ("--workers", "two"),
+         "error: argument --workers: invalid int value: 'two'"),
     # ---------------------------------------------------------------- tune
     Case("tune-yaml-syntax", "tune", ("--config", "@IN@/s.yaml"), "invalid YAML",
          {"s.yaml": "space: {bake.omega: {distribution: uniform, low: 0\n"}),
@@ -132,6 +140,8 @@ CASES = [
     Case("tune-tracking-unreachable", "tune",
          ("--config", "@IN@/s.yaml", "--tracking-uri", "http://127.0.0.1:@PORT@"),
          "MLflow tracking server http://127.0.0.1:@PORT@ is unreachable", {"s.yaml": GOOD_SPACE}),
+    Case("tune-argument-type", "tune", ("--config", "@IN@/s.yaml", "--num-samples", "many"),
+         "error: argument --num-samples: invalid int value: 'many'", {"s.yaml": GOOD_SPACE}),
 ]  # fmt: skip
 
 
@@ -174,6 +184,7 @@ def _prepare(case: Case, root: Path) -> Outcome:
     work.mkdir()
     out = Outcome(case, None, inputs, work, {}, free_port())  # type: ignore[arg-type]
     for name, text in case.files.items():
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
         (inputs / name).write_text(out.sub(text))
     if case.run_dir:
         _make_run_dir(inputs / "run", case.run_dir, work / "pwned")

@@ -268,3 +268,76 @@ def test_two_workers_equal_single_process_on_concatenated_batch(tmp_path):
     # And the global batch really changes the targets compared to per-worker ensembling.
     local = torch.cat([p["local"] for p in parts])
     assert (local - single).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ global ensembling in training
+
+_STEP_CONFIG = {
+    "bake": {"temperature": 2.0, "omega": 0.8},
+    "data": {"batch_size": 12, "same_class": 1},
+    "runtime": {"amp": False},
+}
+
+
+def _one_batch(world: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of one step: digits-shaped images, classmates in pairs."""
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(world * batch, 1, 8, 8, generator=generator)
+    labels = torch.arange(world * batch).div(2, rounding_mode="floor") % 10
+    return images, labels
+
+
+def _train_step_worker(rank: int, world: int, port: int, on: bool, out_dir: str) -> None:
+    """One real training step through the engine (DDP model, BAKE loss, optimizer step)."""
+    from bake_ray import config as cfg
+    from bake_ray.engine import Context, _unwrapped, build_state, train_one_epoch
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        config = cfg.from_dict(
+            {**_STEP_CONFIG, "bake": {**_STEP_CONFIG["bake"], "global_ensembling": on}}
+        )
+        torch.manual_seed(rank)  # different inits: DDP must make rank 0's the common one
+        state = build_state(config, Context(torch.device("cpu"), rank, world), 10, 1, 8, 1)
+        start = {k: v.clone() for k, v in _unwrapped(state.model).state_dict().items()}
+        images, labels = _one_batch(world, config.data.batch_size)
+        mine = slice(rank * config.data.batch_size, (rank + 1) * config.data.batch_size)
+        ctx = Context(torch.device("cpu"), rank, world)
+        metrics = train_one_epoch(state, [(images[mine], labels[mine])], ctx, amp=False)
+        torch.save({"kd": metrics["train_kd"], "start": start}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _kd_of_two_process_step(tmp_path: Path, on: bool) -> tuple[float, float]:
+    """(KD the engine reported, KD of single-process BakeLoss on the concatenated batch)."""
+    from bake_ray.models import build_model
+
+    out = tmp_path / ("on" if on else "off")
+    out.mkdir()
+    mp.spawn(_train_step_worker, args=(2, _free_port(), on, str(out)), nprocs=2)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["kd"] == ranks[1]["kd"]  # summed over workers: every rank reports it
+    model = build_model("small_cnn", 10, 1, 8)
+    model.load_state_dict(ranks[0]["start"])
+    model.train()  # batch-norm statistics per worker's half, as each worker computed them
+    batch = _STEP_CONFIG["data"]["batch_size"]
+    images, labels = _one_batch(2, batch)
+    halves = [model(images[:batch]), model(images[batch:])]
+    features = torch.cat([h[0] for h in halves])
+    logits = torch.cat([h[1] for h in halves])
+    bake = _STEP_CONFIG["bake"]
+    reference = BakeLoss(bake["temperature"], bake["omega"], 1.0, global_ensembling=False)
+    return ranks[0]["kd"], reference(features, logits, labels).kd.item()
+
+
+def test_training_step_on_two_workers_distils_towards_the_global_batch(tmp_path):
+    """One 2-process step through ``train_one_epoch``: with ``bake.global_ensembling`` on,
+    the KD term is single-process BakeLoss on the concatenated batch; off, it is not."""
+    on, reference = _kd_of_two_process_step(tmp_path, on=True)
+    off, same_reference = _kd_of_two_process_step(tmp_path, on=False)
+    assert reference == same_reference  # both runs started from the same weights and batch
+    assert on == pytest.approx(reference, rel=1e-5, abs=0)
+    assert abs(off - reference) > 100 * 1e-5 * reference, (off, reference)

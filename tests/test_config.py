@@ -99,3 +99,33 @@ def test_flatten_and_to_dict():
     flat = cfg.flatten(cfg.to_dict(Config()))
     assert flat["bake.omega"] == 0.5 and flat["optim.milestones"] == [0.5, 0.75]
     assert yaml.safe_load(yaml.safe_dump(cfg.to_dict(Config())))["method"] == "bake"
+
+
+def test_a_missing_system_package_skips_locally_but_fails_in_ci(tmp_path):
+    """The conftest hook: a skip for a missing system package fails the run where CI is true."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_needs_it.py").write_text(
+        "import pytest\nfrom system_packages import missing\n\n"
+        "def test_it():\n    pytest.skip(missing('chromium'))\n\n"
+        "def test_other_skip():\n    pytest.skip('not about a system package')\n"
+    )
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
+    # The suite's own conftest as a plugin: the hook must be wired in there.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "test_needs_it.py"]
+
+    def run(ci: str | None) -> subprocess.CompletedProcess[str]:
+        extra = {} if ci is None else {"CI": ci}
+        return subprocess.run(cmd, cwd=tmp_path, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    local = run(None)
+    assert local.returncode == 0 and "2 skipped" in local.stdout, local.stdout
+    ci = run("true")
+    assert ci.returncode == 1 and "1 failed, 1 skipped" in ci.stdout, ci.stdout
+    assert "CI is true, so this skip fails the run: system package missing: chromium" in ci.stdout

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from system_packages import missing
 from torchvision import datasets
 
 from bake_ray import data
@@ -98,8 +99,11 @@ def test_set_epoch_changes_the_order_deterministically() -> None:
     assert list(sampler) == epoch0
 
 
-@pytest.mark.parametrize("sizes", [[16, 16, 16, 16], [17, 13, 20, 9]])
-def test_two_ranks_get_disjoint_anchors_and_equal_lengths(sizes: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("sizes", "padding"),
+    [([16, 16, 16, 16], 0), ([17, 13, 20, 9], 5)],  # 64 images; 59 images -> 8 batches of 4
+)
+def test_two_ranks_get_disjoint_anchors_and_equal_lengths(sizes: list[int], padding: int) -> None:
     labels = _labels(sizes)
     ranks = [ClassAwareBatchSampler(labels, 8, 1, seed=2, rank=r, world_size=2) for r in (0, 1)]
     for sampler in ranks:
@@ -110,9 +114,10 @@ def test_two_ranks_get_disjoint_anchors_and_equal_lengths(sizes: list[int]) -> N
     assert set(anchors[0]) | set(anchors[1]) == set(range(len(labels)))
     for rank_batches in batches:
         _check_structure(rank_batches, labels, n=8, m=1)
-    if len(labels) % (2 * 4) == 0:  # sizes divide: a partition, no padding
-        assert not set(anchors[0]) & set(anchors[1])
-        assert len(anchors[0]) + len(anchors[1]) == len(labels)
+    # Only the wrap-around padding repeats anchors: a partition when the sizes divide.
+    assert len(anchors[0]) + len(anchors[1]) == len(labels) + padding
+    assert len(set(anchors[0]) & set(anchors[1])) <= padding
+    assert len(anchors[0]) + len(anchors[1]) - len(set(anchors[0]) | set(anchors[1])) == padding
 
 
 def test_batch_size_must_be_a_multiple_of_same_class_plus_one() -> None:
@@ -245,6 +250,25 @@ def test_digits_loaders_yield_anchor_classmate_pairs(digits_splits: data.DataSpl
     assert sum(len(b) for b, _ in loaders.test) == len(digits_splits.test)
 
 
+def _assert_groups_share_a_label(labels: torch.Tensor, same_class: int) -> None:
+    """Each anchor and its M classmates: every group of M + 1 consecutive labels is one class."""
+    groups = labels.view(-1, same_class + 1)
+    assert torch.equal(groups, groups[:, :1].expand_as(groups)), groups
+
+
+@pytest.mark.parametrize("same_class", [1, 3])
+def test_digits_loaders_give_each_anchor_m_classmates(
+    digits_splits: data.DataSplits, same_class: int
+) -> None:
+    cfg = _digits_cfg(batch_size=32, same_class=same_class)
+    for rank in (0, 1):
+        loaders = build_loaders(digits_splits, cfg, seed=0, rank=rank, world_size=2)
+        loaders.train_sampler.set_epoch(1)
+        for _, y in loaders.train:
+            assert y.shape == (32,)
+            _assert_groups_share_a_label(y, same_class)
+
+
 def test_eval_sharding_splits_val_and_test_exactly(digits_splits: data.DataSplits) -> None:
     cfg = _digits_cfg(batch_size=32, same_class=1)
     shards = [
@@ -261,7 +285,7 @@ def test_eval_sharding_splits_val_and_test_exactly(digits_splits: data.DataSplit
 
 needs_debian_fashion = pytest.mark.skipif(
     not data._has_idx_files(data.DEBIAN_FASHION_MNIST_DIR),
-    reason=f"Debian package dataset-fashion-mnist not installed ({data.DEBIAN_FASHION_MNIST_DIR})",
+    reason=missing("dataset-fashion-mnist", f"no files in {data.DEBIAN_FASHION_MNIST_DIR}"),
 )
 
 
@@ -370,6 +394,10 @@ def test_cifar_reads_the_real_pickle_format(
     assert torch.allclose(x[:, 5, 7], expected, atol=1e-5)
     batch, labels = next(iter(build_loaders(splits, cfg, seed=0).train))
     assert batch.shape == (8, 3, 32, 32) and torch.equal(labels[0::2], labels[1::2])
+    m3 = DataConfig(dataset=name, data_dir=str(tmp_path), batch_size=8, same_class=3)
+    for batch, labels in build_loaders(build_splits(m3, seed=0), m3, seed=0).train:
+        assert batch.shape == (8, 3, 32, 32)
+        _assert_groups_share_a_label(labels, 3)
 
 
 def test_cifar_missing_files_fail_in_one_line(tmp_path: Path) -> None:

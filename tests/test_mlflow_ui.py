@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from system_packages import missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -144,7 +145,7 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
     ray_local: Any, mlflow_server: str, tmp_path: Path
 ) -> None:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install the Debian package 'chromium'")
+        pytest.skip(missing("chromium", f"{CHROMIUM} not found; apt-get install chromium"))
     from mlflow.tracking import MlflowClient
 
     from bake_ray import tracking, tune

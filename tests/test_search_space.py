@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from system_packages import missing
 
 from bake_ray import search_space as ss
 from bake_ray import tune
@@ -115,7 +116,7 @@ def test_fashion_mnist_space_finds_the_debian_package() -> None:
     from bake_ray.data import DEBIAN_FASHION_MNIST_DIR, check_data_available
 
     if not DEBIAN_FASHION_MNIST_DIR.is_dir():
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+        pytest.skip(missing("dataset-fashion-mnist", "Debian package not installed"))
     check_data_available(ss.load(SPACES_DIR / "fashion_mnist.yaml").base.data)
 
 

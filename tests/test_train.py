@@ -200,3 +200,31 @@ def test_two_ray_train_workers_checkpoint_and_resume(tmp_path, ray_local):
     resumed = ckpt.load(latest)
     assert resumed["epoch"] == 3
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]  # continued, not restarted
+
+
+@pytest.mark.slow
+def test_cifar100_recipe_trains_with_three_classmates_per_anchor(tmp_path, monkeypatch):
+    """The shipped CIFAR-100 recipe (N=128, M=3, its optimizer and loader workers) through
+    a real one-epoch run on small fake CIFAR-100 files in the real format. Only what the
+    CPU budget needs changes: one epoch, 256 images, and the small CNN for the ResNet-18."""
+    from test_data import _trust_fake_cifar, _write_cifar
+    from torchvision import datasets
+
+    from bake_ray import search_space as ss
+
+    _write_cifar(tmp_path / "data", datasets.CIFAR100, 100, per_file=400)
+    _trust_fake_cifar(tmp_path / "data", datasets.CIFAR100, monkeypatch)
+    recipe = ss.load(Path(__file__).resolve().parents[1] / "search_spaces" / "cifar100.yaml")
+    assert (recipe.base.data.batch_size, recipe.base.data.same_class) == (128, 3)
+    cfg.save(recipe.base, tmp_path / "recipe.yaml")
+    changes = ["epochs=1", "data.train_subset=256", "model.name=small_cnn", "data.download=false",
+               f"data.data_dir={tmp_path / 'data'}", f"runtime.output_dir={tmp_path / 'runs'}",
+               "runtime.run_name=c100"]  # fmt: skip
+    assert main(["--config", str(tmp_path / "recipe.yaml"), *[f"--set={c}" for c in changes]]) == 0
+    run = tmp_path / "runs" / "c100"
+    saved = cfg.load(run / "config.yaml")
+    data = saved.data
+    assert (data.dataset, data.batch_size, data.same_class) == ("cifar100", 128, 3)
+    (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["train_kd"] > 0 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert ckpt.load(run / "checkpoints" / "epoch_0001")["config"]["data"]["same_class"] == 3
