@@ -51,6 +51,7 @@ TAG_ERROR = "bake_ray.error"
 TAG_INCOMPLETE = "bake_ray.incomplete"
 TAG_PARAM_CONFLICTS = "bake_ray.param_conflicts"
 TAG_ORPHANED = "bake_ray.orphaned"
+TAG_INTERRUPTED = "bake_ray.interrupted"  # why a run is KILLED, and the command that resumes it
 ORPHANED_REASON = (
     "the search driver stopped after this trial started but before Ray Tune recorded it; "
     "the resumed search replaced it with a new trial"
@@ -445,6 +446,8 @@ class SearchTracker:
             run = runs[0]
             if run.info.status != "RUNNING":
                 self.client.update_run(run.info.run_id, status="RUNNING")
+            if TAG_INTERRUPTED in run.data.tags:  # it is running again
+                self.client.delete_tag(run.info.run_id, TAG_INTERRUPTED)
             self._remember_run(run)
             self._children = self._find_children(run.info.run_id)
         else:
@@ -639,8 +642,9 @@ class SearchTracker:
         run = self.client.get_run(run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
-        if TAG_ERROR in run.data.tags:
-            self.client.delete_tag(run_id, TAG_ERROR)
+        for tag in (TAG_ERROR, TAG_INTERRUPTED):
+            if tag in run.data.tags:
+                self.client.delete_tag(run_id, tag)
         return run
 
     def log_trial_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
@@ -789,6 +793,28 @@ class SearchTracker:
             self._end_if_open(self.parent, status)
             self._flush_for_close()
             return self._report()
+
+    def mark_interrupted(self, reason: str) -> None:
+        """Tag the parent and every trial run still open with ``bake_ray.interrupted``
+        (``reason`` says how to resume); ``close_all("KILLED")`` then ends them. A killed
+        search must never look FINISHED. Resuming the search removes the tag again."""
+        tags = {TAG_INTERRUPTED: reason}
+        with self._lock:
+            for ref in list(self._trials.values()):
+                if ref.label in self._open:
+                    self._submit(
+                        ref, f"interrupted {ref.label}", lambda r=ref: self._set_tags(r, tags)
+                    )
+            parent = self.parent
+            self._submit(parent, "interrupted search", lambda: self._set_tags(parent, tags))
+            self._submit(self.parent, "interrupted stale", lambda: self._tag_running(tags))
+
+    def _tag_running(self, tags: Mapping[str, str]) -> None:
+        """Children still RUNNING on the server (left by an earlier driver) get the tag too."""
+        query = f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'"
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
+            for key, value in tags.items():
+                self.client.set_tag(run.info.run_id, key, value)
 
     def end_orphaned_trials(self, known_trial_ids: Iterable[str]) -> None:
         """End KILLED, with tag ``bake_ray.orphaned``, the runs of trials the search no longer has.
