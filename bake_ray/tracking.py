@@ -12,6 +12,7 @@ This module must not import Ray: it is used by the CLI before Ray starts and is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -182,6 +183,24 @@ def _check_sqlite_dir(uri: str, path: Path) -> None:
         raise TrackingError(f"cannot create the directory of {uri}: {err}") from None
     if not os.access(path.parent, os.W_OK):
         raise TrackingError(f"the directory of {uri} is not writable")
+    if path.exists():
+        _check_sqlite_file(uri, path)
+
+
+def _check_sqlite_file(uri: str, path: Path) -> None:
+    """An existing path must be an SQLite database: MLflow would otherwise retry for about
+    two minutes and end in a long traceback. Opened read-only; nothing is written."""
+    import sqlite3
+
+    if not path.is_file():
+        raise TrackingError(f"{uri}: {path} is a directory, not an SQLite database file")
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5)
+        ) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as err:
+        raise TrackingError(f"{uri}: {path} is not a usable SQLite database: {err}") from None
 
 
 def compare_runs_url(ui_base: str, experiment_id: str, run_ids: list[str]) -> str:
