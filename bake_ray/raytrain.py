@@ -37,6 +37,7 @@ from bake_ray.config import Config, ConfigError, from_dict, to_dict
 from bake_ray.engine import Context, DivergenceError, diverged_metrics, fit
 
 _TRAIN_DRIVER = "TRAIN_DRIVER"
+_WORKER_LOG = logging.getLogger("bake_ray.worker")  # to the run's ray_train.log only
 
 
 def absolute_paths(config: Config) -> Config:
@@ -90,6 +91,12 @@ class RayTrainReporter(_ResumeScratch):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         self._done_loading()
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        if checkpoint_dir is not None:  # rank 0: which worker trained which epoch, in the log
+            from bake_ray.train import format_progress
+
+            _WORKER_LOG.info(
+                "(RayTrainWorker pid=%d) %s", os.getpid(), format_progress(metrics, self.epochs)
+            )
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def resume_from(self) -> Path | None:
@@ -155,11 +162,13 @@ def _report_log_to_file(log_file: str | None) -> None:
         return
     from ray.train.v2._internal.execution import context as train_context
 
-    chatty = logging.getLogger(train_context.__file__)  # Ray names this logger by file path
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    chatty.addHandler(handler)
-    chatty.propagate = False
+    # Ray names its logger by file path.
+    for logger in (logging.getLogger(train_context.__file__), _WORKER_LOG):
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
