@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,32 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
     )
 
 
+@contextlib.contextmanager
+def ray_keeps_its_temp_files() -> Iterator[None]:
+    """While a local Ray starts, its processes get Ray's own temp folder as ``TMPDIR``.
+
+    Ray's dashboard runs a multiprocessing forkserver whose socket folder (``pymp-*``) is
+    never removed when Ray stops; it then stays among Ray's session files (``/tmp/ray`` or
+    ``$RAY_TMPDIR``, which Ray never cleans either) instead of the user's ``TMPDIR``. This
+    process keeps its own ``TMPDIR``.
+    """
+    from ray._common.utils import get_default_ray_temp_dir, get_default_system_temp_dir
+
+    tempfile.gettempdir()  # fixes this process's own temp dir before the change below
+    changes = {"RAY_TMPDIR": get_default_system_temp_dir(), "TMPDIR": get_default_ray_temp_dir()}
+    os.makedirs(changes["TMPDIR"], exist_ok=True)
+    saved = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def check_cluster_fits(config: Config, address: str | None) -> None:
     """Fail before compute if the worker group can never be placed (it would wait forever)."""
     need = config.runtime.workers
@@ -277,7 +304,8 @@ def check_cluster_fits(config: Config, address: str | None) -> None:
 
 def run_workers(config: Config, run_dir: Path, address: str | None) -> list[dict[str, float]]:
     """Train with ``config.runtime.workers`` Ray Train workers; checkpoints land in run_dir."""
-    init_ray(address)
+    with ray_keeps_its_temp_files():
+        init_ray(address)
     config = absolute_paths(config)
     trainer = build_trainer(
         config,

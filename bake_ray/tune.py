@@ -615,8 +615,11 @@ def run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
 
 
 def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
+    from bake_ray.raytrain import ray_keeps_its_temp_files
+
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # restorable state after each step
-    cpus, gpus, driver_slot = _init_ray(address)
+    with ray_keeps_its_temp_files():
+        cpus, gpus, driver_slot = _init_ray(address)
     concurrency = ss.check_fits(p.space, cpus, gpus)
     tracker = tracking.SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
     _TRACKERS[p.name] = tracker
