@@ -200,3 +200,9 @@ def test_two_ray_train_workers_checkpoint_and_resume(tmp_path, ray_local):
     resumed = ckpt.load(latest)
     assert resumed["epoch"] == 3
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]  # continued, not restarted
+    # The same run folder as a local run: metrics.jsonl (once per epoch) and best/.
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    best = ckpt.load(run / "best" / ckpt.CHECKPOINT_FILE)
+    assert best["epoch"] == int(resumed["history"][-1]["best_epoch"])
+    assert "Reporting training result" in (run / "ray_train.log").read_text()
