@@ -206,3 +206,69 @@ def test_ctrl_c_in_train_then_resume_with_more_epochs_keeps_the_schedule(tmp_pat
     for epoch in (7, 8, 9):
         assert last_step[epoch] == pytest.approx(final), (epoch, last_step)
     assert last_step[epochs] == pytest.approx(final)
+
+
+# --------------------------------------------------------------------------- fast checks
+
+
+def test_resume_picks_the_newest_unfinished_search_whatever_its_space(tmp_path: Path) -> None:
+    """Beside the real runs above: which stored search ``--resume`` takes, and the one-line
+    reason a differing setting is refused."""
+    from bake_ray import search_record as rec
+    from bake_ray import search_space as ss
+
+    space = ss.parse(SPACE)
+    other = ss.parse({**SPACE, "name": "other", "seed": 3})
+    storage = str(tmp_path)
+    for name, sp, status, created in [
+        ("a", space, rec.INTERRUPTED, 1.0),
+        ("b", other, rec.RUNNING, 2.0),  # a driver killed without a word
+        ("c", space, rec.FINISHED, 3.0),
+    ]:
+        record = rec.SearchRecord(name, sp.name, "sqlite:////x.db", None, rec.resolved_raw(sp))
+        record.status, record.created = status, created
+        rec.save(f"{storage}/{name}", record)
+    (tmp_path / "not-a-search").mkdir()
+    name, record = rec.newest_unfinished(storage)
+    assert (name, record.experiment, record.status) == ("b", "other", rec.RUNNING)
+    assert record.search_space() == other  # rebuilt from the record alone
+    assert rec.first_difference(space, other) == "name: stored 'irsearch', given 'other'"
+    changed = ss.parse(SPACE, overrides=["optim.lr=0.1"])
+    assert rec.first_difference(space, changed) == "base optim.lr: stored 0.05, given 0.1"
+    assert rec.first_difference(space, ss.parse(SPACE)) is None
+
+
+def test_asha_rungs_and_decisions_survive_unpickling(tmp_path: Path) -> None:
+    """Beside the real search above: a ResumableASHA restored the way Tune restores it
+    (unpickled from the state it had when the search started) decides like one that never
+    stopped."""
+    import pickle
+    from types import SimpleNamespace
+
+    from bake_ray.asha import ResumableASHA
+
+    def make() -> ResumableASHA:
+        return ResumableASHA(
+            str(tmp_path / "asha.state"), time_attr="epoch", max_t=4, grace_period=1,
+            reduction_factor=2, metric="val_acc", mode="max",
+        )  # fmt: skip
+
+    live = make()
+    pickled = pickle.dumps(live)  # what tuner.pkl holds: the scheduler before any result
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(4)]
+    for trial in trials:
+        live.on_trial_add(None, trial)
+    results = [(trials[0], 1, 0.5), (trials[1], 1, 0.2), (trials[0], 2, 0.7)]
+    for trial, epoch, acc in results:
+        live.on_trial_result(None, trial, {"epoch": epoch, "val_acc": acc})
+    restored = pickle.loads(pickled)
+    reference = make()  # a fresh scheduler, as Ray's own restore gives
+    reference._loaded = True  # (it never reads the state file)
+    for trial in trials[2:]:
+        restored.on_trial_add(None, trial)
+    assert restored.rungs() == live.rungs()
+    assert restored.on_trial_result(None, trials[2], {"epoch": 1, "val_acc": 0.1}) == "STOP"
+    assert restored._stopped == {"t1": 1.0, "t2": 1.0}
+    # Against a scheduler with no memory: it would let the weak trial run on.
+    reference.on_trial_add(None, trials[2])
+    assert reference.on_trial_result(None, trials[2], {"epoch": 1, "val_acc": 0.1}) == "CONTINUE"
