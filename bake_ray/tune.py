@@ -422,8 +422,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     cfg.add_override_argument(
         parser,
         "budget.*, scheduler.*, objective.*, seed (the sampler's) and name edit the "
-        "search file; base.seed=N or any other config key (bake.omega=0.7) edits the base "
-        "training config",
+        "search file; base.seed=N or any other config key (data.train_subset=800) edits the "
+        "base training config; a key the space searches is refused",
     )
     parser.add_argument("--num-samples", type=int, help="number of trials (budget.num_samples)")
     parser.add_argument(
