@@ -195,7 +195,8 @@ def test_two_ray_train_workers_checkpoint_and_resume(tmp_path, ray_local):
     state = ckpt.load(run / first[-1])
     assert state["epoch"] == 2 and len(state["history"]) == 2
 
-    assert main(["--resume", str(run), "--set", "epochs=3"]) == 0
+    # The first part ran a step schedule over 2 epochs: a longer run must say how it goes on.
+    assert main(["--resume", str(run), "--set", "epochs=3", "--extend-schedule"]) == 0
     latest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
     resumed = ckpt.load(latest)
     assert resumed["epoch"] == 3
