@@ -430,6 +430,7 @@ class SearchTracker:
         self._trials: dict[str, _RunRef] = {}
         self._open: set[str] = set()  # labels of runs this tracker must end
         self._children: dict[str, str] = {}  # trial_id -> run_id found on the server
+        self._temp_dirs: list[Path] = []  # removed by close_all, uploaded or not
         self.reopened = False  # True when the parent run of this search already existed
         try:
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -772,6 +773,7 @@ class SearchTracker:
         Returns the plot file names; skipped plots are explained in ``notes.txt``.
         """
         out_dir = Path(tempfile.mkdtemp(prefix="bake_ray_plots_"))
+        self._temp_dirs.append(out_dir)
         try:
             written, notes = write_optuna_plots(study, out_dir)
         except Exception as err:  # never crash the search for a plot
@@ -811,7 +813,11 @@ class SearchTracker:
             self._submit(self.parent, "end stale trials", lambda: self._end_stale(status))
             self._end_if_open(self.parent, status)
             self._flush_for_close()
-            return self._report()
+            report = self._report()
+            for path in self._temp_dirs:  # a write still pending now is lost anyway
+                shutil.rmtree(path, ignore_errors=True)
+            self._temp_dirs.clear()
+            return report
 
     def mark_interrupted(self, reason: str) -> None:
         """Tag the parent and every trial run still open with ``bake_ray.interrupted``
