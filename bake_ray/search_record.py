@@ -141,6 +141,13 @@ def first_difference(a: ss.SearchSpace, b: ss.SearchSpace) -> str | None:
             flat_a, flat_b = cfg.flatten(cfg.to_dict(left)), cfg.flatten(cfg.to_dict(right))
             key = next(k for k in flat_a if flat_a[k] != flat_b.get(k))
             return f"base {key}: stored {flat_a[key]!r}, given {flat_b.get(key)!r}"
+        if left != right and dataclasses.is_dataclass(left):  # budget, scheduler: the field
+            key = next(
+                g.name
+                for g in dataclasses.fields(left)
+                if getattr(left, g.name) != getattr(right, g.name)
+            )
+            return f"{f.name}.{key}: stored {getattr(left, key)!r}, given {getattr(right, key)!r}"
         if left != right:
             return f"{f.name}: stored {_short(left)}, given {_short(right)}"
     return None

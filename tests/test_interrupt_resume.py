@@ -235,6 +235,8 @@ def test_resume_picks_the_newest_unfinished_search_whatever_its_space(tmp_path: 
     assert rec.first_difference(space, other) == "name: stored 'irsearch', given 'other'"
     changed = ss.parse(SPACE, overrides=["optim.lr=0.1"])
     assert rec.first_difference(space, changed) == "base optim.lr: stored 0.05, given 0.1"
+    more = ss.parse(SPACE, overrides=["budget.num_samples=9"])
+    assert rec.first_difference(space, more) == "budget.num_samples: stored 4, given 9"
     assert rec.first_difference(space, ss.parse(SPACE)) is None
 
 
