@@ -98,6 +98,9 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
     warmup_epochs: int = 0
+    # Epochs the schedule is laid out over (0 = epochs). Set by `train --resume
+    # --extend-schedule` so a longer run keeps the finished schedule, then its final lr.
+    schedule_epochs: int = 0
 
 
 @dataclass
@@ -343,6 +346,10 @@ def _validate_optim(cfg: OptimConfig, epochs: int) -> None:
         all(0 < m < 1 for m in cfg.milestones) and cfg.milestones == sorted(cfg.milestones),
         "optim.milestones: must be increasing fractions of the epochs in (0, 1), "
         f"got {cfg.milestones}",
+    )
+    _require(
+        cfg.schedule_epochs >= 0,
+        f"optim.schedule_epochs: must be >= 0 (0 = epochs), got {cfg.schedule_epochs}",
     )
     _require(
         0 <= cfg.warmup_epochs < epochs,

@@ -304,8 +304,9 @@ def build_state(
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = build_optimizer(model, config.optim)
+    schedule_epochs = config.optim.schedule_epochs or config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, config.epochs, config.optim)
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, schedule_epochs, config.optim)
     )
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=_uses_fp16(ctx, config.runtime.amp))
     b = config.bake

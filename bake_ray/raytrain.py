@@ -9,16 +9,28 @@ initialised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer, get_device
 
 from bake_ray import checkpoint as ckpt
@@ -26,6 +38,7 @@ from bake_ray.config import Config, ConfigError, from_dict, to_dict
 from bake_ray.engine import Context, DivergenceError, diverged_metrics, fit
 
 _TRAIN_DRIVER = "TRAIN_DRIVER"
+_WORKER_LOG = logging.getLogger("bake_ray.worker")  # to the run's ray_train.log only
 
 
 def absolute_paths(config: Config) -> Config:
@@ -39,46 +52,102 @@ def absolute_paths(config: Config) -> Config:
     return dataclasses.replace(config, data=data, runtime=runtime)
 
 
-def _download(checkpoint: Checkpoint | None) -> Path | None:
-    """Materialise a (possibly remote) Ray checkpoint locally; returns its checkpoint file."""
+def _download(checkpoint: Checkpoint | None, scratch: contextlib.ExitStack) -> Path | None:
+    """The checkpoint file of a Ray checkpoint, readable locally.
+
+    A checkpoint on this machine's disk is read where it is (no copy); a remote one is
+    downloaded into a temporary folder that ``scratch`` removes when it closes.
+    """
     if checkpoint is None:
         return None
-    local = Path(tempfile.mkdtemp(prefix="bake_ray_resume_"))
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path) / ckpt.CHECKPOINT_FILE
+    local = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="bake_ray_resume_")))
     checkpoint.to_directory(str(local))
     return local / ckpt.CHECKPOINT_FILE
 
 
-class RayTrainReporter:
-    """Reporter for a Ray Train worker: ``ray.train.report`` each epoch, resume from Ray."""
+class _ResumeScratch:
+    """Holds a downloaded resume checkpoint until the first report (the engine has loaded
+    it by then), so no copy outlives the process that needed it."""
+
+    def __init__(self) -> None:
+        self._scratch = contextlib.ExitStack()
+
+    def _done_loading(self) -> None:
+        self._scratch.close()
+
+
+class RayTrainReporter(_ResumeScratch):
+    """Reporter for a Ray Train worker: ``ray.train.report`` each epoch, resume from Ray.
+
+    Progress lines, ``metrics.jsonl`` and ``best/`` are written once, on the controller, by
+    :class:`RunDirCallback` (every worker printing gave each line once per worker).
+    """
 
     def __init__(self, epochs: int) -> None:
+        super().__init__()
         self.epochs = epochs
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        self._done_loading()
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None:  # rank 0: which worker trained which epoch, in the log
             from bake_ray.train import format_progress
 
-            print(format_progress(metrics, self.epochs), flush=True)
+            _WORKER_LOG.info(
+                "(RayTrainWorker pid=%d) %s", os.getpid(), format_progress(metrics, self.epochs)
+            )
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def resume_from(self) -> Path | None:
-        return _download(ray.train.get_checkpoint())
+        return _download(ray.train.get_checkpoint(), self._scratch)
 
 
-class TuneReporter:
+class TuneReporter(_ResumeScratch):
     """Reporter for a one-worker Tune trial that trains in the trial's own process."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         from ray import tune
 
+        self._done_loading()
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
     def resume_from(self) -> Path | None:
         from ray import tune
 
-        return _download(tune.get_checkpoint())
+        return _download(tune.get_checkpoint(), self._scratch)
+
+
+class RunDirCallback(UserCallback):
+    """On the Train controller, after each report: one progress line, ``metrics.jsonl`` and
+    ``best/checkpoint.pt``, the same run folder a local run writes."""
+
+    def __init__(self, run_dir: str, epochs: int) -> None:
+        self.run_dir = run_dir
+        self.epochs = epochs
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None
+    ) -> None:
+        from bake_ray.train import format_progress
+
+        rank0 = metrics[0] if metrics else {}
+        if "val_acc" not in rank0 or rank0.get("diverged"):
+            return
+        print(format_progress(rank0, self.epochs), flush=True)
+        run_dir = Path(self.run_dir)
+        with (run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(rank0) + "\n")
+        if checkpoint is not None and rank0.get("best_epoch") == rank0.get("epoch"):
+            with contextlib.ExitStack() as scratch:
+                source = _download(checkpoint, scratch)
+                best = run_dir / "best" / ckpt.CHECKPOINT_FILE
+                best.parent.mkdir(parents=True, exist_ok=True)
+                partial = best.with_name(f".{best.name}.partial")
+                shutil.copyfile(str(source), partial)
+                partial.replace(best)  # a kill mid-copy leaves the previous best intact
 
 
 def quiet_checkpoint_logs() -> None:
@@ -87,9 +156,26 @@ def quiet_checkpoint_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _report_log_to_file(log_file: str | None) -> None:
+    """Ray Train logs every report (``Reporting training result N: TrainingReport(...)``) at
+    INFO from each worker; that goes to ``log_file`` in the run folder, not the terminal."""
+    if not log_file:
+        return
+    from ray.train.v2._internal.execution import context as train_context
+
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    # Ray names its logger by file path.
+    for logger in (logging.getLogger(train_context.__file__), _WORKER_LOG):
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: rebuild the config and run the shared engine."""
     quiet_checkpoint_logs()
+    _report_log_to_file(loop_config.get("log_file"))
     context = ray.train.get_context()
     config = from_dict(loop_config["config"])
     ctx = Context(get_device(), context.get_world_rank(), context.get_world_size())
@@ -114,6 +200,7 @@ def build_trainer(
     max_failures: int = 1,
     max_steps_per_epoch: int | None = None,
     resources_per_worker: dict[str, float] | None = None,
+    log_file: str | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer whose run name is stable, so a rerun resumes from its checkpoints."""
     return TorchTrainer(
@@ -121,6 +208,7 @@ def build_trainer(
         train_loop_config={
             "config": to_dict(config),
             "max_steps_per_epoch": max_steps_per_epoch,
+            "log_file": log_file,
         },
         scaling_config=ScalingConfig(
             num_workers=config.runtime.workers,
@@ -169,6 +257,32 @@ def init_ray(address: str | None, **kwargs: Any) -> None:
     )
 
 
+@contextlib.contextmanager
+def ray_keeps_its_temp_files() -> Iterator[None]:
+    """While a local Ray starts, its processes get Ray's own temp folder as ``TMPDIR``.
+
+    Ray's dashboard runs a multiprocessing forkserver whose socket folder (``pymp-*``) is
+    never removed when Ray stops; it then stays among Ray's session files (``/tmp/ray`` or
+    ``$RAY_TMPDIR``, which Ray never cleans either) instead of the user's ``TMPDIR``. This
+    process keeps its own ``TMPDIR``.
+    """
+    from ray._common.utils import get_default_ray_temp_dir, get_default_system_temp_dir
+
+    tempfile.gettempdir()  # fixes this process's own temp dir before the change below
+    changes = {"RAY_TMPDIR": get_default_system_temp_dir(), "TMPDIR": get_default_ray_temp_dir()}
+    os.makedirs(changes["TMPDIR"], exist_ok=True)
+    saved = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def check_cluster_fits(config: Config, address: str | None) -> None:
     """Fail before compute if the worker group can never be placed (it would wait forever).
 
@@ -198,13 +312,21 @@ def run_workers(config: Config, run_dir: Path, address: str | None) -> list[dict
     """Train with ``config.runtime.workers`` Ray Train workers; checkpoints land in run_dir."""
     from bake_ray import capacity
 
-    init_ray(address)
+    with ray_keeps_its_temp_files():
+        init_ray(address)
     config = absolute_paths(config)
-    trainer = build_trainer(config, run_dir.name, str(run_dir.parent))
+    trainer = build_trainer(
+        config,
+        run_dir.name,
+        str(run_dir.parent),
+        callbacks=[RunDirCallback(str(run_dir), config.epochs)],
+        log_file=str(run_dir / "ray_train.log"),
+    )
     with capacity.watch_pending(capacity.last_read_autoscales(), "worker group"):
         result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None or (result.metrics or {}).get("diverged"):
         return [result.metrics] if result.metrics else []
-    return list(ckpt.load(_download(result.checkpoint)).get("history", []))
+    with contextlib.ExitStack() as scratch:
+        return list(ckpt.load(_download(result.checkpoint, scratch)).get("history", []))

@@ -12,6 +12,7 @@ This module must not import Ray: it is used by the CLI before Ray starts and is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ TAG_ERROR = "bake_ray.error"
 TAG_INCOMPLETE = "bake_ray.incomplete"
 TAG_PARAM_CONFLICTS = "bake_ray.param_conflicts"
 TAG_ORPHANED = "bake_ray.orphaned"
+TAG_INTERRUPTED = "bake_ray.interrupted"  # why a run is KILLED, and the command that resumes it
 ORPHANED_REASON = (
     "the search driver stopped after this trial started but before Ray Tune recorded it; "
     "the resumed search replaced it with a new trial"
@@ -256,6 +258,24 @@ def _check_sqlite_dir(uri: str, path: Path) -> None:
         raise TrackingError(f"cannot create the directory of {uri}: {err}") from None
     if not os.access(path.parent, os.W_OK):
         raise TrackingError(f"the directory of {uri} is not writable")
+    if path.exists():
+        _check_sqlite_file(uri, path)
+
+
+def _check_sqlite_file(uri: str, path: Path) -> None:
+    """An existing path must be an SQLite database: MLflow would otherwise retry for about
+    two minutes and end in a long traceback. Opened read-only; nothing is written."""
+    import sqlite3
+
+    if not path.is_file():
+        raise TrackingError(f"{uri}: {path} is a directory, not an SQLite database file")
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5)
+        ) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as err:
+        raise TrackingError(f"{uri}: {path} is not a usable SQLite database: {err}") from None
 
 
 def compare_runs_url(ui_base: str, experiment_id: str, run_ids: list[str]) -> str:
@@ -485,6 +505,7 @@ class SearchTracker:
         self._trials: dict[str, _RunRef] = {}
         self._open: set[str] = set()  # labels of runs this tracker must end
         self._children: dict[str, str] = {}  # trial_id -> run_id found on the server
+        self._temp_dirs: list[Path] = []  # removed by close_all, uploaded or not
         self.reopened = False  # True when the parent run of this search already existed
         try:
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -520,6 +541,8 @@ class SearchTracker:
             run = runs[0]
             if run.info.status != "RUNNING":
                 self.client.update_run(run.info.run_id, status="RUNNING")
+            if TAG_INTERRUPTED in run.data.tags:  # it is running again
+                self.client.delete_tag(run.info.run_id, TAG_INTERRUPTED)
             self._remember_run(run)
             self._children = self._find_children(run.info.run_id)
         else:
@@ -714,8 +737,9 @@ class SearchTracker:
         run = self.client.get_run(run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
-        if TAG_ERROR in run.data.tags:
-            self.client.delete_tag(run_id, TAG_ERROR)
+        for tag in (TAG_ERROR, TAG_INTERRUPTED):
+            if tag in run.data.tags:
+                self.client.delete_tag(run_id, tag)
         return run
 
     def log_trial_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
@@ -824,6 +848,7 @@ class SearchTracker:
         Returns the plot file names; skipped plots are explained in ``notes.txt``.
         """
         out_dir = Path(tempfile.mkdtemp(prefix="bake_ray_plots_"))
+        self._temp_dirs.append(out_dir)
         try:
             written, notes = write_optuna_plots(study, out_dir)
         except Exception as err:  # never crash the search for a plot
@@ -863,7 +888,33 @@ class SearchTracker:
             self._submit(self.parent, "end stale trials", lambda: self._end_stale(status))
             self._end_if_open(self.parent, status)
             self._flush_for_close()
-            return self._report()
+            report = self._report()
+            for path in self._temp_dirs:  # a write still pending now is lost anyway
+                shutil.rmtree(path, ignore_errors=True)
+            self._temp_dirs.clear()
+            return report
+
+    def mark_interrupted(self, reason: str) -> None:
+        """Tag the parent and every trial run still open with ``bake_ray.interrupted``
+        (``reason`` says how to resume); ``close_all("KILLED")`` then ends them. A killed
+        search must never look FINISHED. Resuming the search removes the tag again."""
+        tags = {TAG_INTERRUPTED: reason}
+        with self._lock:
+            for ref in list(self._trials.values()):
+                if ref.label in self._open:
+                    self._submit(
+                        ref, f"interrupted {ref.label}", lambda r=ref: self._set_tags(r, tags)
+                    )
+            parent = self.parent
+            self._submit(parent, "interrupted search", lambda: self._set_tags(parent, tags))
+            self._submit(self.parent, "interrupted stale", lambda: self._tag_running(tags))
+
+    def _tag_running(self, tags: Mapping[str, str]) -> None:
+        """Children still RUNNING on the server (left by an earlier driver) get the tag too."""
+        query = f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'"
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
+            for key, value in tags.items():
+                self.client.set_tag(run.info.run_id, key, value)
 
     def end_orphaned_trials(self, known_trial_ids: Iterable[str]) -> None:
         """End KILLED, with tag ``bake_ray.orphaned``, the runs of trials the search no longer has.

@@ -9,8 +9,10 @@ any compute starts; a bad one exits with code 2 and one line naming the problem.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -23,9 +25,10 @@ from bake_ray import checkpoint as ckpt
 from bake_ray import config as cfg
 from bake_ray.config import Config, ConfigError
 from bake_ray.data import check_data_available
-from bake_ray.engine import Context, DivergenceError, fit
+from bake_ray.engine import Context, DivergenceError, fit, lr_factor
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
 
 
 def format_progress(metrics: dict[str, float], epochs: int) -> str:
@@ -110,8 +113,73 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last good checkpoint",
     )
+    parser.add_argument(
+        "--extend-schedule",
+        action="store_true",
+        help="with --resume and a new epochs: keep the run's lr schedule as it was and train "
+        "the extra epochs at its final lr (otherwise a changed epochs is refused)",
+    )
     parser.add_argument("--address", help="Ray cluster address for --workers N (default: local)")
     return parser.parse_args(argv)
+
+
+def _refuse_search_file(path: Path | None) -> None:
+    """A search-space file has ``space:``; ``cfg.load`` would only say 'unknown key'."""
+    if path is None or not path.is_file():
+        return
+    raw = cfg.read_yaml(path)
+    if isinstance(raw, dict) and "space" in raw:
+        raise ConfigError(
+            f"--config {path}: this is a search-space file; run it with "
+            f"python -m bake_ray.tune --config {path}"
+        )
+
+
+def _final_lr(config: Config, schedule_epochs: int) -> float:
+    """The learning rate at the end of a schedule laid out over ``schedule_epochs``."""
+    return config.optim.lr * lr_factor(schedule_epochs, 1, schedule_epochs, config.optim)
+
+
+def _lr_at(config: Config, epoch: int) -> float:
+    """The learning rate ``config``'s schedule gives after ``epoch`` completed epochs."""
+    span = config.optim.schedule_epochs or config.epochs
+    return config.optim.lr * lr_factor(epoch, 1, span, config.optim)
+
+
+def keep_schedule(saved: Config, config: Config, extend: bool) -> Config:
+    """A resumed run whose ``epochs`` changed keeps the schedule it was trained on.
+
+    Step and cosine schedules are laid out over the epochs, so a new ``epochs`` would move
+    every milestone (a 15-epoch step run resumed to 40 jumps from lr/100 back to lr). That is
+    refused unless ``--extend-schedule`` says to keep the old layout and hold its final lr.
+    """
+    span = saved.optim.schedule_epochs or saved.epochs
+    if config.epochs == saved.epochs or config.optim.schedule == "constant":
+        return config
+    if (config.optim.schedule_epochs or config.epochs) == span:
+        return config  # the user set optim.schedule_epochs to the old layout already
+    name = config.optim.schedule
+    if not extend:
+        raise ConfigError(
+            f"epochs: {saved.epochs} -> {config.epochs} on --resume would re-lay the {name} "
+            f"schedule over {config.epochs} epochs (lr from {_final_lr(saved, span):.4g} to "
+            f"{_lr_at(config, saved.epochs):.4g} at epoch {saved.epochs + 1}); add "
+            f"--extend-schedule to keep it and train the extra epochs at its final lr"
+        )
+    if name == "cosine":
+        raise ConfigError(
+            f"--extend-schedule: the cosine schedule ended at lr 0 after {span} epochs, so "
+            f"extra epochs would not train; start a new run with epochs={config.epochs}"
+        )
+    optim = dataclasses.replace(config.optim, schedule_epochs=span)
+    extended = dataclasses.replace(config, optim=optim)
+    print(
+        f"epochs {saved.epochs} -> {config.epochs}: the {name} schedule keeps its {span}-epoch "
+        f"layout; epochs {span + 1}-{config.epochs} train at its final lr "
+        f"{_final_lr(saved, span):.4g} (saved as optim.schedule_epochs={span})",
+        flush=True,
+    )
+    return extended
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
@@ -126,13 +194,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     if args.gpu:
         overrides.append("runtime.gpu=true")
     if args.resume is None:
+        _refuse_search_file(args.config)
         return cfg.load(args.config, overrides), None
     saved = args.resume / "config.yaml"
     if not saved.is_file():
         raise ConfigError(
             f"--resume {args.resume}: no config.yaml there; not a bake-ray run directory"
         )
-    config = cfg.load(saved, overrides)
+    config = keep_schedule(cfg.load(saved), cfg.load(saved, overrides), args.extend_schedule)
     if config.runtime.workers > 0:
         return config, None  # Ray Train finds its own checkpoint in the run's storage
     latest = ckpt.latest_good(args.resume)
@@ -194,13 +263,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"run directory: {run_dir}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         history = _run(config, run_dir, resume, args.address)
     except DivergenceError as err:
         print(f"error: diverged: {err}; lower optim.lr or check the data", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(_interrupted_line(run_dir, config.epochs), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summary_line(history), flush=True)
     return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a stopped job) ends the run like Ctrl-C: checkpoints on disk are kept."""
+    raise KeyboardInterrupt
+
+
+def _interrupted_line(run_dir: Path, epochs: int) -> str:
+    """One line: how far the run got and the command that continues it."""
+    done = 0
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        done = int(json.loads(lines[-1])["epoch"]) if lines else 0
+    return (
+        f"interrupted after epoch {done}/{epochs}; resume with: "
+        f"python -m bake_ray.train --resume {run_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -137,23 +137,27 @@ class Cli:
         return f"stdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-5000:]}"
 
 
-def start_cli(entry: str, args: Sequence[str], cwd: Path, logs: Path, tag: str) -> Cli:
-    """Start ``python -m bake_ray.<entry> args`` in ``cwd``; logs go to ``logs/<tag>.*``."""
+def start_cli(entry: str, args: Sequence[str], cwd: Path, logs: Path, tag: str, **env: str) -> Cli:
+    """Start ``python -m bake_ray.<entry> args`` in ``cwd``; logs go to ``logs/<tag>.*``.
+
+    ``env`` adds to the child's environment (e.g. ``TMPDIR``)."""
     logs.mkdir(parents=True, exist_ok=True)
     out, err = logs / f"{tag}.out", logs / f"{tag}.err"
     with out.open("wb") as o, err.open("wb") as e:
         proc = subprocess.Popen(
             [sys.executable, "-m", f"bake_ray.{entry}", *args],
-            cwd=cwd, env=child_env(), stdout=o, stderr=e, start_new_session=True,
+            cwd=cwd, env=child_env(**env), stdout=o, stderr=e, start_new_session=True,
         )  # fmt: skip
     return Cli(proc, out, err)
 
 
 @contextlib.contextmanager
-def cli_session(entry: str, args: Sequence[str], cwd: Path, logs: Path, tag: str) -> Iterator[Cli]:
+def cli_session(
+    entry: str, args: Sequence[str], cwd: Path, logs: Path, tag: str, **env: str
+) -> Iterator[Cli]:
     """A CLI child whose whole session (its Ray cluster included) is killed on the way out,
     also when the test fails half-way."""
-    cli = start_cli(entry, args, cwd, logs, tag)
+    cli = start_cli(entry, args, cwd, logs, tag, **env)
     try:
         yield cli
     finally:

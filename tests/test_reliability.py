@@ -143,6 +143,7 @@ def test_killed_ray_train_worker_restarts_the_group_from_the_last_checkpoint(
     logs = cli.stdout + cli.stderr
     assert code == 0, cli.describe()
     assert "[FailurePolicy] RETRY" in logs, "the worker group was not restarted"
+    logs += (run / "ray_train.log").read_text()  # rank 0 logs its pid with each epoch there
 
     progress = [(int(pid), int(epoch)) for pid, epoch in _PROGRESS.findall(logs)]
     after = [epoch for pid, epoch in progress if pid not in workers]

@@ -195,11 +195,18 @@ def test_two_ray_train_workers_checkpoint_and_resume(tmp_path, ray_local):
     state = ckpt.load(run / first[-1])
     assert state["epoch"] == 2 and len(state["history"]) == 2
 
-    assert main(["--resume", str(run), "--set", "epochs=3"]) == 0
+    # The first part ran a step schedule over 2 epochs: a longer run must say how it goes on.
+    assert main(["--resume", str(run), "--set", "epochs=3", "--extend-schedule"]) == 0
     latest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
     resumed = ckpt.load(latest)
     assert resumed["epoch"] == 3
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]  # continued, not restarted
+    # The same run folder as a local run: metrics.jsonl (once per epoch) and best/.
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    best = ckpt.load(run / "best" / ckpt.CHECKPOINT_FILE)
+    assert best["epoch"] == int(resumed["history"][-1]["best_epoch"])
+    assert "Reporting training result" in (run / "ray_train.log").read_text()
 
 
 @pytest.mark.slow
