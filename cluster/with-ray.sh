@@ -1,52 +1,89 @@
 #!/usr/bin/env bash
-# with-ray.sh NAME LOG COMMAND...: run COMMAND on this node for exactly as long as Ray does.
+# with-ray.sh NAME LOG [--then CMD] COMMAND...   run COMMAND for exactly as long as Ray runs
+# with-ray.sh --stop NAME                        stop the one started under NAME, if any
 #
-# The cluster files start the head's MLflow server with it, right after `ray start --head`.
-# Nothing in Ray's cluster launcher runs at teardown (`ray down` only runs `ray stop` on the
-# head), so a server started by the start commands would otherwise outlive the cluster. Here
-# COMMAND runs in its own session, in the background, and is stopped (TERM, KILL after 10 s,
-# its whole process group) as soon as this node's Ray GCS server exits: `ray stop`, `ray down`,
-# or a `ray up` that restarts Ray. A COMMAND started earlier under the same NAME is stopped
-# first, so running the start commands again never finds the port taken. COMMAND's output
-# goes to LOG.
+# Nothing in Ray's cluster launcher runs at teardown: `ray down` only runs `ray stop` on the
+# head. So the cluster files start, after `ray start`, what must end with Ray through this:
+# COMMAND runs in the background in its own session, and as soon as Ray's process on this
+# node exits (the GCS server on the head, else the raylet) COMMAND's whole process group is
+# stopped (TERM, KILL after 10 s) and then CMD, if given, runs. The head's MLflow server runs
+# this way; on workers, `--then "ray stop"` removes what is left of Ray once the raylet has
+# exited because the head went away. A COMMAND started earlier under the same NAME is stopped
+# first, so running the start commands again never finds a port taken. Output goes to LOG.
 set -euo pipefail
-name=$1 log=$2
-shift 2
 state=~/.bake-ray-services
-pidfile=$state/$name.pid
 
-if [ "${BAKE_RAY_WITH_RAY_GCS_PID:-}" = "" ]; then
-  mkdir -p "$state" "$(dirname "$log")"
-  # The previous instance, if its session leader is still this script.
-  if old=$(cat "$pidfile" 2>/dev/null) && grep -qa with-ray "/proc/$old/cmdline" 2>/dev/null; then
+stop_previous() {  # the previous instance, if its session leader is still this script
+  local old
+  if old=$(cat "$state/$1.pid" 2>/dev/null) && grep -qa with-ray "/proc/$old/cmdline" 2>/dev/null
+  then
     kill -TERM -- "-$old" 2>/dev/null || true
     for _ in $(seq 40); do kill -0 -- "-$old" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$old" 2>/dev/null || true
   fi
-  gcs=0  # this user's newest GCS server (plain /proc: no procps needed, e.g. in a container)
+  rm -f "$state/$1.pid"
+}
+
+newest_own() {  # pid of this user's newest process named $1 (plain /proc: no procps needed)
+  local proc pid=0
   for proc in /proc/[0-9]*; do
-    if [ -O "$proc" ] && [ "$(cat "$proc/comm" 2>/dev/null)" = gcs_server ] &&
-      [ "${proc#/proc/}" -gt "$gcs" ]; then
-      gcs=${proc#/proc/}
+    if [ -O "$proc" ] && [ "$(cat "$proc/comm" 2>/dev/null)" = "$1" ] &&
+      [ "${proc#/proc/}" -gt "$pid" ]; then
+      pid=${proc#/proc/}
     fi
   done
-  if [ "$gcs" = 0 ]; then
-    echo "with-ray.sh: Ray's GCS server is not running here: start Ray first" >&2
+  echo "$pid"
+}
+
+if [ "$1" = --stop ]; then
+  stop_previous "$2"
+  exit 0
+fi
+
+name=$1 log=$2
+shift 2
+then_cmd=""
+if [ "${1:-}" = --then ]; then
+  then_cmd=$2
+  shift 2
+fi
+
+if [ "${BAKE_RAY_WITH_RAY_PID:-}" = "" ]; then
+  mkdir -p "$state" "$(dirname "$log")"
+  stop_previous "$name"
+  ray_pid=$(newest_own gcs_server)
+  [ "$ray_pid" != 0 ] || ray_pid=$(newest_own raylet)
+  if [ "$ray_pid" = 0 ]; then
+    echo "with-ray.sh: Ray is not running here: start Ray first" >&2
     exit 1
   fi
-  BAKE_RAY_WITH_RAY_GCS_PID=$gcs setsid bash "$0" "$name" "$log" "$@" </dev/null >>"$log" 2>&1 &
+  BAKE_RAY_WITH_RAY_PID=$ray_pid setsid bash "$0" "$name" "$log" --then "$then_cmd" "$@" \
+    </dev/null >>"$log" 2>&1 &
   exit 0
 fi
 
 # In our own session from here on: $$ is the session and process group id.
-echo $$ >"$pidfile"
+echo $$ >"$state/$name.pid"
+stopping=""
+trap 'stopping=1' TERM  # a handler, not "ignore": COMMAND keeps the default TERM
 "$@" &
 main=$!
+tail --pid="$BAKE_RAY_WITH_RAY_PID" -f /dev/null &
+wait $! || true  # until Ray's process exits, or a TERM (--stop, or a new instance)
+if [ -n "$stopping" ]; then
+  echo "with-ray.sh: asked to stop: stopping $name"
+else
+  echo "with-ray.sh: Ray stopped on this node (process $BAKE_RAY_WITH_RAY_PID exited): stopping $name"
+fi
 trap '' TERM
-tail --pid="$BAKE_RAY_WITH_RAY_GCS_PID" -f /dev/null
-echo "with-ray.sh: Ray stopped on this node (GCS server $BAKE_RAY_WITH_RAY_GCS_PID exited): stopping $name"
 kill -TERM -- "-$$" 2>/dev/null || true
 (sleep 10 && kill -KILL -- "-$$") &
+killer=$!
 wait "$main" || true
-rm -f "$pidfile"
+if [ -z "$stopping" ] && [ -n "$then_cmd" ]; then
+  kill "$killer" 2>/dev/null || true
+  echo "with-ray.sh: running: $then_cmd"
+  timeout 300 bash -c "$then_cmd" || echo "with-ray.sh: '$then_cmd' failed"
+fi
+rm -f "$state/$name.pid"
 kill -KILL -- "-$$"

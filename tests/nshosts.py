@@ -252,6 +252,9 @@ class Hosts:
             subprocess.run(["ip", "link", "delete", veth], capture_output=True, timeout=30)
         if self.bridge:
             subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, timeout=30)
+        # Each host's venv is ~6.5 GB: pytest's kept temp dirs must not pile them up.
+        for host in self.hosts.values():
+            shutil.rmtree(host.home / "bake-ray-venv", ignore_errors=True)
 
 
 @contextlib.contextmanager

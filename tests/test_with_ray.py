@@ -48,6 +48,33 @@ def test_command_is_replaced_on_restart_and_stopped_with_ray(tmp_path: Path) -> 
     assert "Ray stopped on this node" in (tmp_path / "svc.log").read_text()
 
 
+THEN = r"""
+set -u
+cp "$(command -v sleep)" "$HOME/raylet"                # a worker: a raylet, no GCS server
+"$HOME/raylet" 600 & raylet=$!
+bash "$SCRIPT" leftovers "$HOME/svc.log" --then "touch $HOME/then-ran" sleep 603
+for _ in $(seq 50); do pgrep -f "^sleep 603" >/dev/null && break; sleep 0.1; done
+echo "running=$(pgrep -fc '^sleep 603')"
+kill "$raylet"; wait "$raylet"                         # the raylet exits (the head is gone)
+for _ in $(seq 100); do [ -e "$HOME/then-ran" ] && ! pgrep -f 'with-ray\.sh leftovers|^sleep 603' \
+  >/dev/null && break; sleep 0.1; done
+echo "after_raylet=$(pgrep -fc 'with-ray\.sh leftovers|^sleep 603')"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root for a PID namespace")
+def test_on_a_worker_it_follows_the_raylet_and_runs_then(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "SCRIPT": str(SCRIPT)}
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "bash", "-c", THEN],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    lines = dict(line.split("=") for line in done.stdout.split() if "=" in line)
+    assert lines == {"running": "1", "after_raylet": "0"}, (done.stdout, done.stderr)
+    assert (tmp_path / "then-ran").exists()
+
+
 def test_without_ray_it_refuses_in_one_line(tmp_path: Path) -> None:
     """No GCS server of this user: nothing is started, one line says why, exit 1."""
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
@@ -61,4 +88,4 @@ def test_without_ray_it_refuses_in_one_line(tmp_path: Path) -> None:
         pytest.skip("needs root for a PID namespace")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "with-ray.sh: Ray's GCS server is not running here: start Ray first"]
+        "with-ray.sh: Ray is not running here: start Ray first"]

@@ -2,16 +2,16 @@
 
 Built once with `pip download` from the project's own dependencies, at the versions this
 environment runs (``pip freeze``), and cached outside the repository (``ray up`` hashes every
-file under the directory it syncs, so a gigabyte of wheels there would slow every ``ray up``).
-The test hosts train on CPU, so torch is the CPU build when one is available (its venv is
-about 1 GB instead of the CUDA build's ~6.5 GB); ``torch<=2.14.1`` in pyproject.toml allows it.
+file under the directory it syncs, so gigabytes of wheels there would slow every ``ray up``).
+That is torch's CUDA build, as a user's GPU machine gets it (about 3 GB of wheels, a 6.5 GB
+venv per host): a CPU torch would be lighter, but no CPU torchvision is available offline here,
+and torchvision's CUDA build cannot load its operators against a CPU torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +19,6 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-# The CPU torch on this CI image (/opt/wheels) and the torchvision built against it.
-CPU_TORCH = ["torch==2.13.0+cpu", "torchvision==0.28.0"]
-# Packages only the CUDA torch build pulls in: left to pip when the CPU build is used.
-CUDA_ONLY = re.compile(r"^(torch|torchvision|triton|nvidia-[\w-]+|cuda-[\w-]+)==", re.IGNORECASE)
 
 
 def requirements() -> list[str]:
@@ -55,14 +51,11 @@ def build(cache: Path | None = None) -> Path:
     cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     cache = cache or cache_home / "bake-ray-tests"
     reqs, pins = requirements(), frozen()
-    key = hashlib.sha256("\n".join([*reqs, *pins, *CPU_TORCH]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*reqs, *pins]).encode()).hexdigest()[:16]
     dest = cache / f"wheelhouse-{key}"
     if (dest / ".complete").exists():
         return dest
-    cpu_pins = [p for p in pins if not CUDA_ONLY.match(p)] + CPU_TORCH
-    done = _download(dest, reqs, cpu_pins)
-    if done.returncode != 0:  # no CPU torch here: the environment's own build, CUDA and all
-        done = _download(dest, reqs, pins)
+    done = _download(dest, reqs, pins)
     if done.returncode != 0:
         raise RuntimeError(f"pip download failed:\n{done.stderr[-3000:]}")
     (dest / ".complete").write_text("ok\n")
