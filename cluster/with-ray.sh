@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# with-ray.sh NAME LOG [--then CMD] COMMAND...   run COMMAND for exactly as long as Ray runs
-# with-ray.sh --stop NAME                        stop the one started under NAME, if any
+# with-ray.sh NAME LOG [--follow HOST:PORT] [--then CMD] COMMAND...
+#     run COMMAND for exactly as long as Ray runs here (or as long as HOST:PORT answers)
+# with-ray.sh --stop NAME
+#     stop the one started under NAME, if any
 #
 # Nothing in Ray's cluster launcher runs at teardown: `ray down` only runs `ray stop` on the
 # head. So the cluster files start, after `ray start`, what must end with Ray through this:
 # COMMAND runs in the background in its own session, and as soon as Ray's process on this
 # node exits (the GCS server on the head, else the raylet) COMMAND's whole process group is
-# stopped (TERM, KILL after 10 s) and then CMD, if given, runs. The head's MLflow server runs
-# this way; on workers, `--then "ray stop"` removes what is left of Ray once the raylet has
-# exited because the head went away. A COMMAND started earlier under the same NAME is stopped
-# first, so running the start commands again never finds a port taken. Output goes to LOG.
+# stopped (TERM, KILL after 10 s) and then CMD, if given, runs. With --follow, the end is
+# instead HOST:PORT refusing TCP connections three times in a row, 10 s apart: on a worker,
+# the head's GCS server gone. The head's MLflow server runs this way; on workers,
+# `--follow $RAY_HEAD_IP:6379 --then "ray stop"` stops Ray once the head has stopped (a
+# worker's raylet outlives the head for minutes, its log monitor for ever). A COMMAND started
+# earlier under the same NAME is stopped first, so running the start commands again never
+# finds a port taken. Output goes to LOG.
 set -euo pipefail
 state=~/.bake-ray-services
 
@@ -42,11 +47,11 @@ fi
 
 name=$1 log=$2
 shift 2
-then_cmd=""
-if [ "${1:-}" = --then ]; then
-  then_cmd=$2
+follow="" then_cmd=""
+while [ "${1:-}" = --follow ] || [ "${1:-}" = --then ]; do
+  if [ "$1" = --follow ]; then follow=$2; else then_cmd=$2; fi
   shift 2
-fi
+done
 
 if [ "${BAKE_RAY_WITH_RAY_PID:-}" = "" ]; then
   mkdir -p "$state" "$(dirname "$log")"
@@ -57,10 +62,22 @@ if [ "${BAKE_RAY_WITH_RAY_PID:-}" = "" ]; then
     echo "with-ray.sh: Ray is not running here: start Ray first" >&2
     exit 1
   fi
-  BAKE_RAY_WITH_RAY_PID=$ray_pid setsid bash "$0" "$name" "$log" --then "$then_cmd" "$@" \
-    </dev/null >>"$log" 2>&1 &
+  BAKE_RAY_WITH_RAY_PID=$ray_pid setsid bash "$0" "$name" "$log" --follow "$follow" \
+    --then "$then_cmd" "$@" </dev/null >>"$log" 2>&1 &
   exit 0
 fi
+
+follow_tcp() {  # returns once $1 (HOST:PORT) has refused 3 times in a row, 10 s apart
+  local misses=0
+  while [ "$misses" -lt 3 ]; do
+    if timeout 5 bash -c "exec 3<>/dev/tcp/${1%:*}/${1##*:}" 2>/dev/null; then
+      misses=0
+    else
+      misses=$((misses + 1))
+    fi
+    sleep 10
+  done
+}
 
 # In our own session from here on: $$ is the session and process group id.
 echo $$ >"$state/$name.pid"
@@ -68,13 +85,16 @@ stopping=""
 trap 'stopping=1' TERM  # a handler, not "ignore": COMMAND keeps the default TERM
 "$@" &
 main=$!
-tail --pid="$BAKE_RAY_WITH_RAY_PID" -f /dev/null &
-wait $! || true  # until Ray's process exits, or a TERM (--stop, or a new instance)
-if [ -n "$stopping" ]; then
-  echo "with-ray.sh: asked to stop: stopping $name"
+if [ -n "$follow" ]; then
+  follow_tcp "$follow" &
+  why="$follow stopped answering"
 else
-  echo "with-ray.sh: Ray stopped on this node (process $BAKE_RAY_WITH_RAY_PID exited): stopping $name"
+  tail --pid="$BAKE_RAY_WITH_RAY_PID" -f /dev/null &
+  why="Ray stopped on this node (process $BAKE_RAY_WITH_RAY_PID exited)"
 fi
+wait $! || true  # until then, or a TERM (--stop, or a new instance)
+[ -z "$stopping" ] || why="asked to stop"
+echo "with-ray.sh: $why: stopping $name"
 trap '' TERM
 kill -TERM -- "-$$" 2>/dev/null || true
 (sleep 10 && kill -KILL -- "-$$") &

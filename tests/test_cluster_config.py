@@ -191,8 +191,10 @@ def _invocations(commands: list[str], program: str) -> list[tuple[str, list[str]
                 if words[0] in _PREFIX_WORDS or re.fullmatch(r"\w+=.*", words[0]):
                     words = words[1:]
                 elif words[:1] == ["bash"] and _WITH_RAY.fullmatch(words[1] if words[1:] else ""):
-                    # bash .../with-ray.sh NAME LOG [--then CMD] COMMAND...
-                    words = words[6:] if words[4:5] == ["--then"] else words[4:]
+                    # bash .../with-ray.sh NAME LOG [--follow ADDR] [--then CMD] COMMAND...
+                    words = words[4:]
+                    while words[:1] in (["--follow"], ["--then"]):
+                        words = words[2:]
                 else:
                     break
             if words and words[0] == program:

@@ -75,6 +75,42 @@ def test_on_a_worker_it_follows_the_raylet_and_runs_then(tmp_path: Path) -> None
     assert (tmp_path / "then-ran").exists()
 
 
+FOLLOW = r"""
+set -u
+cp "$(command -v sleep)" "$HOME/raylet"                # a worker: a raylet, no GCS server
+"$HOME/raylet" 600 &
+python3 -c 'import socket,time
+s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(16)
+open("'$HOME'/port","w").write(str(s.getsockname()[1])); time.sleep(600)' & head=$!
+for _ in $(seq 100); do [ -s "$HOME/port" ] && break; sleep 0.1; done   # the head's GCS
+bash "$SCRIPT" follows "$HOME/svc.log" --follow "127.0.0.1:$(cat "$HOME/port")" \
+  --then "touch $HOME/then-ran" sleep 604
+sleep 12                                               # answered at least once more
+echo "running=$(pgrep -fc '^sleep 604')"
+kill "$head"; wait "$head"                             # `ray down`: the head stops
+for _ in $(seq 600); do [ -e "$HOME/then-ran" ] && ! pgrep -f 'with-ray\.sh follows|^sleep 604' \
+  >/dev/null && break; sleep 0.1; done
+echo "after_head_stopped=$(pgrep -fc 'with-ray\.sh follows|^sleep 604')"
+"""
+
+
+@pytest.mark.slow  # three refused connections, 10 s apart
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root for a PID namespace")
+def test_on_a_worker_it_follows_the_head_and_runs_then(tmp_path: Path) -> None:
+    """--follow: stops (and runs --then) once the head's port refuses 3 times, 10 s apart."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "SCRIPT": str(SCRIPT)}
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "bash", "-c", FOLLOW],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    lines = dict(line.split("=") for line in done.stdout.split() if "=" in line)
+    log = (tmp_path / "svc.log").read_text()
+    assert lines == {"running": "1", "after_head_stopped": "0"}, (done.stdout, done.stderr, log)
+    assert (tmp_path / "then-ran").exists()
+    assert "stopped answering" in log
+
+
 def test_without_ray_it_refuses_in_one_line(tmp_path: Path) -> None:
     """No GCS server of this user: nothing is started, one line says why, exit 1."""
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
