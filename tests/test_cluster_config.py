@@ -179,6 +179,7 @@ def _simple_commands(command: str) -> list[list[str]]:
 
 
 _PREFIX_WORDS = {"nohup", "then", "do", "else", "exec", "time"}
+_WITH_RAY = re.compile(r"\S*/cluster/with-ray\.sh")  # runs its COMMAND... for as long as Ray
 
 
 def _invocations(commands: list[str], program: str) -> list[tuple[str, list[str]]]:
@@ -186,8 +187,16 @@ def _invocations(commands: list[str], program: str) -> list[tuple[str, list[str]
     found = []
     for line in commands:
         for words in _simple_commands(line):
-            while words and (words[0] in _PREFIX_WORDS or re.fullmatch(r"\w+=.*", words[0])):
-                words = words[1:]
+            while words:
+                if words[0] in _PREFIX_WORDS or re.fullmatch(r"\w+=.*", words[0]):
+                    words = words[1:]
+                elif words[:1] == ["bash"] and _WITH_RAY.fullmatch(words[1] if words[1:] else ""):
+                    # bash .../with-ray.sh NAME LOG [--follow ADDR] [--then CMD] COMMAND...
+                    words = words[4:]
+                    while words[:1] in (["--follow"], ["--then"]):
+                        words = words[2:]
+                else:
+                    break
             if words and words[0] == program:
                 found.append((line, words[1:]))
     return found
@@ -370,6 +379,34 @@ def test_onprem_head_runs_no_training(prepared):
     [(_, params)] = _ray_start(prepared["onprem"]["head_start_ray_commands"])
     assert params["num_cpus"] == 0 and params["num_gpus"] == 0
     assert json.loads(params["resources"])["TRAIN_DRIVER"] >= 1
+
+
+def test_onprem_head_forces_the_v1_autoscaler(prepared):
+    """Ray 2.60's v2 autoscaler never starts `local` provider workers (the head's own state
+    file marks the head terminated); `ray up` exports RAY_enable_autoscaler_v2=1 before the
+    head's start commands, so the command that starts the head must set it back to 0."""
+    [line] = [line for line, params in _ray_start(prepared["onprem"]["head_start_ray_commands"])
+              if params["head"]]
+    env = subprocess.run(
+        ["bash", "-c", f"export RAY_enable_autoscaler_v2=1; "
+         f"{line.replace('source ~/.bake-ray.env', 'true').split('ray start')[0]} env"],
+        capture_output=True, text=True, check=True, timeout=10,
+    ).stdout
+    assert "RAY_enable_autoscaler_v2=0" in env.splitlines()
+
+
+@pytest.mark.parametrize("kind", sorted(FILES))
+def test_mlflow_server_lives_and_dies_with_ray(kind, prepared):
+    """The head's MLflow server runs under cluster/with-ray.sh (stopped when Ray stops),
+    after `ray start --head` (it waits on that Ray's GCS server)."""
+    commands = prepared[kind]["head_start_ray_commands"]
+    [mlflow_at] = [i for i, c in enumerate(commands) if _invocations([c], "mlflow")]
+    [head_at] = [i for i, c in enumerate(commands)
+                 if any(p["head"] for _, p in _ray_start([c]))]
+    assert head_at < mlflow_at
+    assert re.search(r"\bbash ~/bake-ray/cluster/with-ray\.sh mlflow \S+ mlflow server\b",
+                     " ".join(commands[mlflow_at].split()))
+    assert (REPO / "cluster/with-ray.sh").exists()
 
 
 def test_aws_workers_scale_from_zero(prepared):
