@@ -29,7 +29,9 @@ from bake_ray import search_space as ss
 from bake_ray import tracking
 from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.config import ConfigError
-from bake_ray.data import check_data_available
+from bake_ray.data import check_data_available, input_shape
+from bake_ray.models import check_model_available
+from bake_ray.raytrain import absolute_paths
 from bake_ray.trial import (
     BASE_KEY,
     TRAIN_STORAGE_KEY,
@@ -253,7 +255,8 @@ def build_tuner(
             grace_period=space.scheduler.grace_period,
             reduction_factor=space.scheduler.reduction_factor,
         )
-    base = cfg.to_dict(ss.trial_config(space, {}))
+    # trials run in their own directories: data and weights paths must not be relative
+    base = cfg.to_dict(absolute_paths(ss.trial_config(space, {})))
     trainable = tune.with_resources(run_trial, _trial_resources(space, has_driver_slot))
     return tune.Tuner(
         trainable,
@@ -451,6 +454,8 @@ def plan(args: argparse.Namespace) -> Plan:
         overrides.append(f"budget.num_samples={args.num_samples}")
     space = ss.load(args.config, overrides)
     check_data_available(space.base.data)
+    for model in ss.model_configs(space):
+        check_model_available(model, *input_shape(space.base.data))
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         _check_fits_this_machine(space)
     storage = resolve_storage(args.storage)
