@@ -96,16 +96,17 @@ def test_googlenet_trains_without_its_auxiliary_heads() -> None:
 # --------------------------------------------------------------------------- the registry
 
 
-@pytest.mark.parametrize(
-    ("name", "message"),
-    [
-        ("timm/resnet_18", r"^model\.name: unknown timm model 'resnet_18'; close matches: .*timm/resnet18"),
-        ("torchvision/resnet_18", r"^model\.name: unknown torchvision model .*torchvision/resnet18"),
-        ("resnet34", r"^model\.name: unknown 'resnet34'; one of small_cnn.*timm/resnet34"),
-        ("timm/deit_tiny_distilled_patch16_224", r"cannot give pooled features for BAKE: its classifier is a tuple"),
-        ("torchvision/squeezenet1_0", r"cannot give pooled features for BAKE: it has no linear classifier"),
-    ],
-)  # fmt: skip
+NOT_POOLED = "cannot give pooled features for BAKE"
+BAD_NAMES = [
+    ("timm/resnet_18", r"^model\.name: unknown timm model 'resnet_18'; close matches: .*resnet18"),
+    ("torchvision/resnet_18", r"^model\.name: unknown torchvision model .*torchvision/resnet18"),
+    ("resnet34", r"^model\.name: unknown 'resnet34'; one of small_cnn.*timm/resnet34"),
+    ("timm/deit_tiny_distilled_patch16_224", f"{NOT_POOLED}: its classifier is a tuple"),
+    ("torchvision/squeezenet1_0", f"{NOT_POOLED}: it has no linear classifier"),
+]
+
+
+@pytest.mark.parametrize(("name", "message"), BAD_NAMES)
 def test_registry_refuses_in_one_line(name: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         config.from_dict({"model": {"name": name}})
@@ -157,8 +158,9 @@ def test_channels_last_default_is_for_convolutional_models_on_gpu() -> None:
 def test_channels_last_run_gives_the_same_outputs() -> None:
     """runtime.channels_last changes the memory layout, not the maths."""
     torch.manual_seed(0)
-    base = config.from_dict({"model": {"name": "timm/test_resnet"}})
-    nhwc = config.from_dict({"model": {"name": "timm/test_resnet"}, "runtime": {"channels_last": True}})
+    model = {"name": "timm/test_resnet"}
+    base = config.from_dict({"model": model})
+    nhwc = config.from_dict({"model": model, "runtime": {"channels_last": True}})
     torch.manual_seed(0)
     plain = setup_model(base, CPU, 4, 3, 32).eval()
     torch.manual_seed(0)
