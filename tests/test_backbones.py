@@ -115,6 +115,13 @@ def test_registry_refuses_in_one_line(name: str, message: str) -> None:
         check_model_name(name)  # the same verdict from the registry itself
 
 
+def test_names_never_reach_the_hub_or_arbitrary_code() -> None:
+    """timm.create_model would fetch a config for 'hf-hub:...': only listed names pass."""
+    for name in ("timm/hf-hub:timm/resnet18.a1_in1k", "timm/os.system", "torchvision/os.system"):
+        with pytest.raises(ConfigError, match=r"^model\.name: unknown (timm|torchvision) model"):
+            config.from_dict({"model": {"name": name}})
+
+
 def test_timm_pretrained_tags_are_accepted() -> None:
     assert config.from_dict({"model": {"name": "timm/resnet18.a1_in1k"}}).model.name
 
