@@ -115,7 +115,7 @@ class RuntimeConfig:
     gpu: bool = False
     amp: bool = True
     sync_bn: bool = False  # batch-norm statistics over all workers (the paper's ImageNet recipe)
-    channels_last: bool | None = None  # NHWC memory format; None = on for CNNs on GPU only
+    channels_last: bool | None = None  # NHWC memory format; None = on for CNNs, off for ViTs
     output_dir: str = "runs"
     run_name: str | None = None
 

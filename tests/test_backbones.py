@@ -152,27 +152,30 @@ def test_input_shape_matches_the_loaded_data() -> None:
     assert input_shape(DataConfig()) == (splits.in_channels, splits.image_size)
 
 
-def test_channels_last_default_is_for_convolutional_models_on_gpu() -> None:
+def test_channels_last_default_is_for_convolutional_models() -> None:
     from bake_ray.models import wants_channels_last
 
     cnn, vit = build_model("timm/test_resnet", 3, 3, 32), build_model("timm/test_vit", 3, 3, 32)
     assert is_convolutional(cnn) and not is_convolutional(vit)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert wants_channels_last(None, cnn, gpu) and not wants_channels_last(None, vit, gpu)
-    assert not wants_channels_last(None, cnn, cpu) and wants_channels_last(True, cnn, cpu)
+    assert wants_channels_last(None, cnn, cpu) and not wants_channels_last(None, vit, cpu)
+    assert not wants_channels_last(False, cnn, cpu) and wants_channels_last(True, vit, cpu)
 
 
 def test_channels_last_run_gives_the_same_outputs() -> None:
     """runtime.channels_last changes the memory layout, not the maths."""
     torch.manual_seed(0)
     model = {"name": "timm/test_resnet"}
-    base = config.from_dict({"model": model})
-    nhwc = config.from_dict({"model": model, "runtime": {"channels_last": True}})
+    base = config.from_dict({"model": model, "runtime": {"channels_last": False}})
+    nhwc = config.from_dict({"model": model})  # the default for a CNN
     torch.manual_seed(0)
     plain = setup_model(base, CPU, 4, 3, 32).eval()
     torch.manual_seed(0)
     last = setup_model(nhwc, CPU, 4, 3, 32).eval()
-    assert last.net.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    stem = (plain.net.conv1[0].weight, last.net.conv1[0].weight)
+    assert not stem[0].is_contiguous(memory_format=torch.channels_last)
+    assert stem[1].is_contiguous(memory_format=torch.channels_last)
     x, _ = _batch()
     with torch.no_grad():
         for a, b in zip(plain(x), last(x), strict=True):
