@@ -55,13 +55,13 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/hostile files
-        raise CheckpointError(f"{path}: cannot load checkpoint: {_reason(exc)}") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint: {load_error_reason(exc)}") from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(f"{path}: not a bake-ray checkpoint (no model/epoch entries)")
     return state
 
 
-def _reason(exc: Exception) -> str:
+def load_error_reason(exc: Exception) -> str:
     """Why a load failed, in one short line. For a file that is not plain data, name the
     blocked global instead of torch's advice to retry with ``weights_only=False``."""
     text = " ".join(str(exc).split())

@@ -21,14 +21,13 @@ from typing import Any
 
 import yaml
 
+from bake_ray import registry
+from bake_ray.errors import ConfigError  # defined there, imported from here by most modules
+
 METHODS = ("bake", "ce", "label_smoothing")
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
-MODELS = ("small_cnn", "cifar_resnet18", "resnet18", "resnet50")
+MODELS = registry.BUILTIN_MODELS  # plus timm/<name> and torchvision/<name>: see registry
 SCHEDULES = ("step", "cosine", "constant")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, always one line that names the offending key."""
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -70,9 +69,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which architecture; every model returns (features, logits)."""
+    """Which architecture and its starting weights; every model returns (features, logits).
+
+    ``name``: a built-in model, ``timm/<name>`` or ``torchvision/<name>`` (bake_ray.registry).
+    ``weights``: a local .pt/.pth/.safetensors file loaded into the backbone (read as plain
+    data); classifier tensors of another class count are reinitialised.
+    ``pretrained``: the library's own weights, via its own download and cache.
+    """
 
     name: str = "small_cnn"
+    weights: str | None = None
+    pretrained: bool = False
 
 
 @dataclass
@@ -111,6 +118,7 @@ class RuntimeConfig:
     gpu: bool = False
     amp: bool = True
     sync_bn: bool = False  # batch-norm statistics over all workers (the paper's ImageNet recipe)
+    channels_last: bool | None = None  # NHWC memory format; None = on for CNNs, off for ViTs
     output_dir: str = "runs"
     run_name: str | None = None
 
@@ -305,6 +313,20 @@ def _validate_bake(cfg: BakeConfig) -> None:
     )
 
 
+def _validate_model(cfg: ModelConfig) -> None:
+    registry.check_model_name(cfg.name)
+    _require(
+        not (cfg.pretrained and cfg.weights),
+        "model.pretrained: set either model.pretrained or model.weights, not both",
+    )
+    _require(
+        not cfg.pretrained or registry.split_name(cfg.name)[0] is not None,
+        f"model.pretrained: the built-in {cfg.name} has no pretrained weights; use "
+        "model.weights with a local file, or a timm/<name> or torchvision/<name> model",
+    )
+    _require(cfg.weights is None or bool(cfg.weights.strip()), "model.weights: empty path")
+
+
 def _validate_data(cfg: DataConfig) -> None:
     _require(cfg.dataset in DATASETS, f"data.dataset: unknown {cfg.dataset!r}; one of {DATASETS}")
     _require(cfg.batch_size >= 2, f"data.batch_size: must be >= 2, got {cfg.batch_size}")
@@ -375,9 +397,7 @@ def validate(config: Config) -> None:
     _require(config.method in METHODS, f"method: unknown {config.method!r}; one of {METHODS}")
     _require(config.epochs >= 1, f"epochs: must be >= 1, got {config.epochs}")
     _require(config.seed >= 0, f"seed: must be >= 0, got {config.seed}")
-    _require(
-        config.model.name in MODELS, f"model.name: unknown {config.model.name!r}; one of {MODELS}"
-    )
+    _validate_model(config.model)
     _validate_bake(config.bake)
     _validate_data(config.data)
     _validate_optim(config.optim, config.epochs)

@@ -423,8 +423,41 @@ def _cifar(
 
 def _derive_image_size(folder: datasets.ImageFolder) -> int:
     """Never upsample by default: min(shorter side of the first image, 224)."""
-    with Image.open(folder.samples[0][0]) as first:
-        return min(IMAGEFOLDER_IMAGE_SIZE, *first.size)
+    return _image_size_of(folder.samples[0][0])
+
+
+def _image_size_of(path: str) -> int:
+    with Image.open(path) as image:
+        return min(IMAGEFOLDER_IMAGE_SIZE, *image.size)
+
+
+def _first_image(train_dir: Path) -> str:
+    """The file ``ImageFolder(train_dir).samples[0]`` names, without scanning every class."""
+    classes, _ = datasets.folder.find_classes(str(train_dir))
+    for name in classes:
+        found = datasets.folder.make_dataset(
+            str(train_dir), {name: 0}, extensions=datasets.folder.IMG_EXTENSIONS, allow_empty=True
+        )
+        if found:
+            return found[0][0]
+    raise ConfigError(f"data.data_dir: no images under {train_dir}")
+
+
+_FIXED_INPUT_SHAPES = {
+    "digits": (1, 8),
+    "fashion_mnist": (1, 28),
+    "cifar10": (3, 32),
+    "cifar100": (3, 32),
+}
+
+
+def input_shape(cfg: DataConfig) -> tuple[int, int]:
+    """(channels, side) of the images a model will see, for checks before any data loads
+    (the model's input shape, a weights file against it). Equal to what
+    :func:`build_splits` reports (tested); ImageFolder opens only its first image."""
+    if cfg.dataset in _FIXED_INPUT_SHAPES:
+        return _FIXED_INPUT_SHAPES[cfg.dataset]
+    return 3, _image_size_of(_first_image(Path(str(cfg.data_dir)).expanduser() / "train"))
 
 
 def imagefolder_transforms(size: int) -> tuple[Transform, Transform]:

@@ -28,7 +28,8 @@ from bake_ray import checkpoint as ckpt
 from bake_ray.bake import build_loss
 from bake_ray.config import Config, OptimConfig, to_dict
 from bake_ray.data import build_loaders, build_splits
-from bake_ray.models import build_model
+from bake_ray.models import build_model, to_channels_last, wants_channels_last
+from bake_ray.weights import load_weights
 
 
 class DivergenceError(RuntimeError):
@@ -288,6 +289,26 @@ def restore(state: RunState, saved: dict[str, Any], rank: int = 0) -> list[dict[
 # --------------------------------------------------------------------------- the run
 
 
+def setup_model(
+    config: Config, ctx: Context, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """The run's model on its device: built, local weights loaded, memory format chosen.
+
+    Every worker loads ``model.weights`` itself (like ``data.data_dir``, the file must be
+    readable on every node); rank 0 prints what was loaded.
+    """
+    m = config.model
+    model = build_model(m.name, num_classes, in_channels, image_size, pretrained=m.pretrained)
+    if m.weights:
+        summary = load_weights(model, m.weights, m.name, num_classes)
+        if ctx.rank == 0:
+            print(summary, flush=True)
+    model = model.to(ctx.device)
+    if wants_channels_last(config.runtime.channels_last, model, ctx.device):
+        to_channels_last(model)
+    return model
+
+
 def build_state(
     config: Config,
     ctx: Context,
@@ -297,7 +318,7 @@ def build_state(
     steps_per_epoch: int,
 ) -> RunState:
     """Model, optimizer, per-step LR schedule, scaler and loss for this config."""
-    model = build_model(config.model.name, num_classes, in_channels, image_size).to(ctx.device)
+    model = setup_model(config, ctx, num_classes, in_channels, image_size)
     if ctx.distributed:
         if config.runtime.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -46,10 +46,13 @@ def absolute_paths(config: Config) -> Config:
     data = config.data
     if data.data_dir is not None and "://" not in data.data_dir:
         data = dataclasses.replace(data, data_dir=str(Path(data.data_dir).expanduser().resolve()))
+    model = config.model
+    if model.weights is not None:
+        model = dataclasses.replace(model, weights=str(Path(model.weights).expanduser().resolve()))
     runtime = dataclasses.replace(
         config.runtime, output_dir=str(Path(config.runtime.output_dir).expanduser().resolve())
     )
-    return dataclasses.replace(config, data=data, runtime=runtime)
+    return dataclasses.replace(config, data=data, model=model, runtime=runtime)
 
 
 def _download(checkpoint: Checkpoint | None, scratch: contextlib.ExitStack) -> Path | None:

@@ -267,6 +267,19 @@ def _check_point(space: SearchSpace, params: dict[str, Any], where: str) -> None
         raise ConfigError(f"{where}: the point {params} gives an invalid trial: {exc}") from None
 
 
+def model_configs(space: SearchSpace) -> list[cfg.ModelConfig]:
+    """Every distinct ``model`` section a trial can get (a choice over names gives several),
+    so each model and weights file is checked against the data before the search starts."""
+    dims = [d for d in space.dimensions if d.key.startswith("model.")]
+    found: list[cfg.ModelConfig] = []
+    for values in itertools.product(*(d.corners() for d in dims)):
+        params = dict(zip((d.key for d in dims), values, strict=True))
+        model = trial_config(space, params).model
+        if model not in found:
+            found.append(model)
+    return found
+
+
 def _check_corners(space: SearchSpace) -> None:
     """Every combination of extreme values, and every initial point, must make a valid config."""
     combos = itertools.product(*(d.corners() for d in space.dimensions))

@@ -24,8 +24,9 @@ import torch
 from bake_ray import checkpoint as ckpt
 from bake_ray import config as cfg
 from bake_ray.config import Config, ConfigError
-from bake_ray.data import check_data_available
+from bake_ray.data import check_data_available, input_shape
 from bake_ray.engine import Context, DivergenceError, fit, lr_factor
+from bake_ray.models import check_model_available
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
@@ -211,8 +212,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 
 def preflight(config: Config, resume: Path | None) -> None:
-    """Every check that can fail before compute: data present, GPU present, checkpoint loads."""
+    """Every check that can fail before compute: data present, model and its weights usable,
+    GPU present, checkpoint loads."""
     check_data_available(config.data)
+    check_model_available(config.model, *input_shape(config.data))
     if config.runtime.gpu and config.runtime.workers == 0 and not torch.cuda.is_available():
         raise ConfigError("runtime.gpu: true but no CUDA device is visible to this process")
     if resume is not None:

@@ -37,7 +37,9 @@ from bake_ray import search_record as rec
 from bake_ray import search_space as ss
 from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.config import ConfigError
-from bake_ray.data import check_data_available
+from bake_ray.data import check_data_available, input_shape
+from bake_ray.models import check_model_available
+from bake_ray.raytrain import absolute_paths
 from bake_ray.trial import (
     BASE_KEY,
     TRAIN_STORAGE_KEY,
@@ -278,7 +280,8 @@ def build_tuner(
             grace_period=space.scheduler.grace_period,
             reduction_factor=space.scheduler.reduction_factor,
         )
-    base = cfg.to_dict(ss.trial_config(space, {}))
+    # trials run in their own directories: data and weights paths must not be relative
+    base = cfg.to_dict(absolute_paths(ss.trial_config(space, {})))
     trainable = tune.with_resources(run_trial, _trial_resources(space, has_driver_slot))
     return tune.Tuner(
         trainable,
@@ -514,6 +517,8 @@ def plan(args: argparse.Namespace) -> Plan:
         space = ss.load(args.config or DEFAULT_SPACE, overrides)
         _check_no_searched_override(space, list(args.overrides))
     check_data_available(space.base.data)
+    for model in ss.model_configs(space):
+        check_model_available(model, *input_shape(space.base.data))
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
     if not joined:
         _check_fits_this_machine(space)
