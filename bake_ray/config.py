@@ -25,6 +25,7 @@ METHODS = ("bake", "ce", "label_smoothing")
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 MODELS = ("small_cnn", "cifar_resnet18", "resnet18", "resnet50")
 SCHEDULES = ("step", "cosine", "constant")
+SOLVERS = ("auto", "solve", "neumann")  # how BAKE computes its targets (see bake.py)
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,8 @@ class BakeConfig:
     loss_weight: float = 1.0
     global_ensembling: bool = True
     label_smoothing: float = 0.1
+    solver: str = "auto"  # auto: the cheaper of solve/neumann, within tol of the closed form
+    tol: float = 1e-6  # max row-L1 distance of neumann's targets from the closed form
 
 
 @dataclass
@@ -289,6 +292,9 @@ def _validate_bake(cfg: BakeConfig) -> None:
         0 <= cfg.label_smoothing < 1,
         f"bake.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}",
     )
+    _require(cfg.solver in SOLVERS, f"bake.solver: unknown {cfg.solver!r}; one of {SOLVERS}")
+    _finite("bake.tol", cfg.tol)
+    _require(0 < cfg.tol < 1, f"bake.tol: must be in (0, 1), got {cfg.tol}")
 
 
 def _validate_data(cfg: DataConfig) -> None:

@@ -283,6 +283,8 @@ def build_state(
         b.loss_weight,
         b.global_ensembling,
         b.label_smoothing,
+        b.solver,
+        b.tol,
     )
     return RunState(model, optimizer, scheduler, scaler, loss_fn)
 
