@@ -113,6 +113,7 @@ class RuntimeConfig:
     sync_bn: bool = False  # batch-norm statistics over all workers (the paper's ImageNet recipe)
     output_dir: str = "runs"
     run_name: str | None = None
+    log_every: int = 0  # read progress every N steps (a host sync each); 0: once per epoch
 
 
 @dataclass
@@ -352,6 +353,7 @@ def _validate_optim(cfg: OptimConfig, epochs: int) -> None:
 def _validate_runtime(cfg: RuntimeConfig) -> None:
     _require(cfg.workers >= 0, f"runtime.workers: must be >= 0, got {cfg.workers}")
     _require(bool(cfg.output_dir), "runtime.output_dir: must not be empty")
+    _require(cfg.log_every >= 0, f"runtime.log_every: must be >= 0, got {cfg.log_every}")
     _require(
         not cfg.sync_bn or cfg.gpu,
         "runtime.sync_bn: SyncBatchNorm runs on GPUs only; set runtime.gpu=true or sync_bn=false",
