@@ -216,7 +216,7 @@ def test_iterative_propagation_meets_its_bound():
 
 @pytest.mark.parametrize(("solver", "tol"), [("fast", 1e-4), ("neumann", 0.0), ("auto", 1.0)])
 def test_invalid_solver_or_tolerance_rejected(solver, tol):
-    with pytest.raises(ValueError, match="solver|tol"):
+    with pytest.raises(ValueError, match=r"solver|tol"):
         soft_targets(torch.randn(4, 3), torch.randn(4, 2), 0.5, 4.0, solver=solver, tol=tol)
 
 

@@ -102,9 +102,10 @@ def test_divergence_names_the_first_bad_step_and_keeps_the_last_finite_weights(m
 
     reference = make_state(method)
     train_one_epoch(reference, make_batches(5)[:2], CPU, amp=False)
-    for (name, a), b in zip(diverged.model.named_parameters(), reference.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    for a, b in zip(diverged.model.parameters(), reference.model.parameters()):
+    pairs = list(zip(diverged.model.parameters(), reference.model.parameters(), strict=True))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in pairs:
         buf_a = diverged.optimizer.state[a]["momentum_buffer"]
         buf_b = reference.optimizer.state[b]["momentum_buffer"]
         torch.testing.assert_close(buf_a, buf_b, rtol=0, atol=0)
