@@ -45,7 +45,11 @@ def diverged_metrics(error: DivergenceError) -> dict[str, float]:
 
 
 class Reporter(Protocol):
-    """Where a run's per-epoch metrics and checkpoints go, and where a resume starts from."""
+    """Where a run's per-epoch metrics and checkpoints go, and where a resume starts from.
+
+    A reporter may also define ``progress(metrics)``: it is then called every
+    ``runtime.log_every`` steps with the epoch's running train metrics and ``step``.
+    """
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         """Called once per epoch on every worker; ``checkpoint_dir`` is set on rank 0 only."""
@@ -294,7 +298,9 @@ def train_one_epoch(
     return _train_metrics(state, sums, images, start, ctx, guard)
 
 
-def _step_sums(parts: Any, logits: torch.Tensor, labels: torch.Tensor, bad: torch.Tensor):
+def _step_sums(
+    parts: Any, logits: torch.Tensor, labels: torch.Tensor, bad: torch.Tensor
+) -> torch.Tensor:
     """This step's contribution to :data:`TRAIN_SUMS`, as one device vector."""
     n = labels.shape[0]
     losses = torch.stack([parts.total.detach(), parts.ce.detach(), parts.kd.detach()])
