@@ -177,3 +177,35 @@ def test_a_nan_on_one_worker_stops_both_at_the_same_step_with_equal_weights(tmp_
     for name, value in results[0]["weights"].items():
         if value.is_floating_point() and "running" not in name:  # BN stats are per worker
             torch.testing.assert_close(value, results[1]["weights"][name], rtol=0, atol=0)
+
+
+class RecordingReporter:
+    """A Reporter that keeps what it is given, progress lines included."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self.steps: list[dict[str, float]] = []
+
+    def resume_from(self):
+        return None
+
+    def report(self, metrics, checkpoint_dir) -> None:
+        self.epochs.append(metrics)
+
+    def progress(self, metrics) -> None:
+        self.steps.append(metrics)
+
+
+def test_fit_passes_intra_epoch_progress_to_the_reporter_when_asked():
+    from bake_ray import config as cfg
+    from bake_ray.engine import fit
+
+    overrides = ["epochs=1", "data.train_subset=128", "data.batch_size=16"]
+    quiet, chatty = RecordingReporter(), RecordingReporter()
+    fit(cfg.load(overrides=overrides), quiet, CPU)
+    fit(cfg.load(overrides=[*overrides, "runtime.log_every=3"]), chatty, CPU)
+    assert quiet.steps == [] and len(quiet.epochs) == 1
+    steps = [int(m["step"]) for m in chatty.steps]
+    assert len(steps) >= 2 and steps == [3 * (i + 1) for i in range(len(steps))]
+    # reading the sums early changes nothing in the training itself
+    assert chatty.epochs[0]["train_loss"] == quiet.epochs[0]["train_loss"]
