@@ -28,6 +28,7 @@ METHODS = ("bake", "ce", "label_smoothing")
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 MODELS = registry.BUILTIN_MODELS  # plus timm/<name> and torchvision/<name>: see registry
 SCHEDULES = ("step", "cosine", "constant")
+SOLVERS = ("auto", "solve", "neumann")  # how BAKE computes its targets (see bake.py)
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -91,6 +92,8 @@ class BakeConfig:
     loss_weight: float = 1.0
     global_ensembling: bool = True
     label_smoothing: float = 0.1
+    solver: str = "auto"  # auto: the cheaper of solve/neumann, within tol of the closed form
+    tol: float = 1e-6  # max row-L1 distance of neumann's targets from the closed form
 
 
 @dataclass
@@ -121,6 +124,7 @@ class RuntimeConfig:
     channels_last: bool | None = None  # NHWC memory format; None = on for CNNs, off for ViTs
     output_dir: str = "runs"
     run_name: str | None = None
+    log_every: int = 0  # read progress every N steps (a host sync each); 0: once per epoch
 
 
 @dataclass
@@ -311,6 +315,9 @@ def _validate_bake(cfg: BakeConfig) -> None:
         0 <= cfg.label_smoothing < 1,
         f"bake.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}",
     )
+    _require(cfg.solver in SOLVERS, f"bake.solver: unknown {cfg.solver!r}; one of {SOLVERS}")
+    _finite("bake.tol", cfg.tol)
+    _require(0 < cfg.tol < 1, f"bake.tol: must be in (0, 1), got {cfg.tol}")
 
 
 def _validate_model(cfg: ModelConfig) -> None:
@@ -386,6 +393,7 @@ def _validate_optim(cfg: OptimConfig, epochs: int) -> None:
 def _validate_runtime(cfg: RuntimeConfig) -> None:
     _require(cfg.workers >= 0, f"runtime.workers: must be >= 0, got {cfg.workers}")
     _require(bool(cfg.output_dir), "runtime.output_dir: must not be empty")
+    _require(cfg.log_every >= 0, f"runtime.log_every: must be >= 0, got {cfg.log_every}")
     _require(
         not cfg.sync_bn or cfg.gpu,
         "runtime.sync_bn: SyncBatchNorm runs on GPUs only; set runtime.gpu=true or sync_bn=false",

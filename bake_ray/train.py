@@ -56,6 +56,14 @@ class LocalReporter:
     resume: Path | None = None
     keep: int = 2
 
+    def progress(self, metrics: dict[str, float]) -> None:
+        """Intra-epoch progress, every ``runtime.log_every`` steps when that is set."""
+        print(
+            f"  step {int(metrics['step'])}  loss {metrics['train_loss']:.4f}  "
+            f"train acc {metrics['train_acc']:.4f}  {metrics['images_per_s']:.0f} img/s",
+            flush=True,
+        )
+
     def resume_from(self) -> Path | None:
         return self.resume
 

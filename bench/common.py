@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmarks: interleaved timing, tables, report sections, and a
-prototype iterative BAKE solver.
+"""Shared helpers for the benchmarks: interleaved timing, tables, report sections, and the
+a-posteriori stopping rule that the BAKE solver benchmark compares against.
 
 Why interleaved timing: the benchmarks run on shared machines whose speed drifts (other
 processes, thermal state, allocator warm-up). Timing variant A for a minute and then
@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -111,43 +110,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(statistics.fmean(values)), float(std)
 
 
-# --------------------------------------------------------------------------- BAKE solver prototype
+# --------------------------------------------------------------------------- a-posteriori BAKE stop
 
 
 def max_row_l1(difference: Tensor) -> float:
-    """max_i sum_c |x_ic|: the norm in which the iteration's error bound holds."""
+    """max_i sum_c |x_ic|: the norm in which the solvers' error bounds hold."""
     return float(difference.abs().sum(dim=1).max())
-
-
-def steps_for_tolerance(omega: float, tol: float) -> int:
-    """Smallest k with omega**k < tol (k = 0 when omega = 0: then Q = P exactly)."""
-    if not 0.0 <= omega < 1.0 or not 0.0 < tol < 1.0:
-        raise ValueError(f"need omega in [0, 1) and tol in (0, 1), got {omega}, {tol}")
-    if omega == 0.0:
-        return 0
-    return math.floor(math.log(tol) / math.log(omega)) + 1
-
-
-@torch.no_grad()
-def propagate_iterative(affinity_matrix: Tensor, probs: Tensor, omega: float, steps: int) -> Tensor:
-    """``steps`` rounds of Q <- omega A Q + (1 - omega) P, from Q_0 = P; only matmuls.
-
-    Error bound (A row-stochastic, Q the exact solution of Q = omega A Q + (1 - omega) P):
-    Q_k - Q = omega A (Q_{k-1} - Q), so Q_k - Q = (omega A)^k (P - Q). Every row of A^k is a
-    probability vector, so each row of A^k E is a convex combination of rows of E, and
-    ||Q_k - Q||_rows <= omega^k ||P - Q||_rows, with ||X||_rows = max_i sum_c |X_ic|.
-    Since P - Q = omega (P - A Q) and rows of P and A Q are probability vectors (L1 distance
-    <= 2): ||Q_k - Q||_rows <= 2 omega^(k+1) <= 2 omega^k, and every entry is off by at most
-    omega^(k+1) (a difference of two probability vectors has max |entry| <= half its L1 norm).
-    Each Q_k row is itself a probability vector (a convex combination), unlike a truncated
-    Neumann series, so the targets stay normalised at any k.
-    """
-    scaled = omega * affinity_matrix
-    base = (1.0 - omega) * probs
-    targets = probs
-    for _ in range(steps):
-        targets = torch.addmm(base, scaled, targets)
-    return targets
 
 
 @torch.no_grad()
@@ -156,10 +124,13 @@ def propagate_until(
 ) -> tuple[Tensor, int]:
     """Iterate until an a-posteriori bound guarantees ||Q_k - Q||_rows <= tol; (Q_k, k).
 
-    With e_k = Q_k - Q and d_k = Q_k - Q_{k-1}: ||e_k|| <= omega ||e_{k-1}|| <= omega
-    (||e_k|| + ||d_k||), hence ||e_k|| <= omega / (1 - omega) ||d_k||. Real affinities are
-    far from the worst case (no temperature: every A_ij is within e^2 of 1/(B-1)), so this
-    stops long before the a-priori bound would. One host sync per step to read the norm.
+    The same rounds as ``bake.propagate_neumann`` (whose docstring proves
+    ||e_k|| <= omega ||e_{k-1}||), with a data-dependent stop: with e_k = Q_k - Q and
+    d_k = Q_k - Q_{k-1}, ||e_k|| <= omega ||e_{k-1}|| <= omega (||e_k|| + ||d_k||), hence
+    ||e_k|| <= omega / (1 - omega) ||d_k||. Real affinities are far from the worst case, so
+    this stops long before the a-priori k. It reads the norm on the host every round (a sync
+    per round on a GPU), which is why the product's solvers do not use it; it is measured
+    here as the alternative.
     """
     scaled = omega * affinity_matrix
     base = (1.0 - omega) * probs

@@ -18,9 +18,14 @@ from hypothesis import strategies as st
 from bake_ray.bake import (
     BakeLoss,
     LossParts,
+    affinity,
     build_loss,
+    choose_solver,
     distillation_loss,
     global_soft_targets,
+    neumann_steps,
+    propagate,
+    propagate_neumann,
     soft_targets,
 )
 
@@ -147,6 +152,74 @@ def test_half_precision_inputs_are_ensembled_in_float32(dtype):
     assert torch.isfinite(loss.total) and loss.kd.dtype == torch.float32
 
 
+# ------------------------------------------------------------------ solvers
+
+
+def max_row_l1(difference: np.ndarray) -> float:
+    """max_i sum_c |x_ic|: the norm of the solvers' error bound."""
+    return float(np.abs(difference).sum(axis=1).max())
+
+
+@pytest.mark.parametrize("solver", ["solve", "neumann", "auto"])
+@pytest.mark.parametrize(
+    ("b", "c", "omega", "tol"),
+    [(64, 7, 0.5, 1e-6), (48, 5, 0.9, 1e-3), (300, 2, 0.5, 1e-4), (40, 10, 0.7, 0.5)],
+)
+def test_each_solver_is_within_its_bound_of_the_float64_reference(solver, b, c, omega, tol):
+    """solve: exact (1e-12); neumann and auto: row-L1 error <= tol, as proven in bake.py."""
+    features, logits = random_batch(b, 12, c, seed=b + c)
+    expected = numpy_targets_by_iteration(features, logits, omega, 4.0)
+    got = soft_targets(
+        torch.from_numpy(features), torch.from_numpy(logits), omega, 4.0, solver=solver, tol=tol
+    ).numpy()
+    used = choose_solver(b, c, omega, tol) if solver == "auto" else solver
+    bound = 1e-12 if used == "solve" else tol + 1e-12
+    assert max_row_l1(got - expected) <= bound
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-12)  # still distributions
+    if used == "neumann" and tol >= 0.1:  # k = 3 rounds: truncated, not the solve in disguise
+        assert max_row_l1(got - expected) > 1e-12
+
+
+def test_auto_takes_neumann_only_where_it_needs_fewer_flops():
+    assert choose_solver(300, 2, 0.5, 1e-4) == "neumann"  # k=14: 28 < 300/3 + 2
+    assert choose_solver(64, 7, 0.5, 1e-6) == "solve"
+    # default tol 1e-6, omega 0.5 (k = 20): neumann from B > 3 C (k - 1) = 57 C
+    assert [choose_solver(b, 100, 0.5, 1e-6) for b in (5700, 5701)] == ["solve", "neumann"]
+    assert choose_solver(8192, 1000, 0.5, 1e-6) == "solve"
+    assert choose_solver(8192, 100, 0.9, 1e-6) == "solve"  # omega 0.9 needs k = 137
+
+
+def test_neumann_steps_is_the_smallest_k_of_the_bound():
+    assert neumann_steps(0.5, 1e-4) == 14  # 2*0.5**15 = 6.1e-5 <= 1e-4 < 2*0.5**14
+    assert neumann_steps(0.0, 1e-4) == 0
+    assert (neumann_steps(0.5, 1e-6), neumann_steps(0.9, 1e-6)) == (20, 137)
+    for omega in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99):
+        for tol in (0.5, 1e-2, 1e-4, 1e-6, 1e-9):
+            k = neumann_steps(omega, tol)
+            assert 2 * omega ** (k + 1) <= tol and (k == 0 or 2 * omega**k > tol)
+    with pytest.raises(ValueError):
+        neumann_steps(1.0, 1e-4)
+
+
+def test_iterative_propagation_meets_its_bound():
+    """Every k (not only the one the tolerance picks) obeys 2 omega^(k+1), rows sum to 1."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 8, generator=generator, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(40, 5, generator=generator, dtype=torch.float64), dim=1)
+    a, omega = affinity(features), 0.7
+    exact = propagate(a, probs, omega)
+    for k in range(12):
+        approx = propagate_neumann(a, probs, omega, k)
+        assert max_row_l1((approx - exact).numpy()) <= 2 * omega ** (k + 1) + 1e-12
+        assert torch.allclose(approx.sum(dim=1), torch.ones(40, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("solver", "tol"), [("fast", 1e-4), ("neumann", 0.0), ("auto", 1.0)])
+def test_invalid_solver_or_tolerance_rejected(solver, tol):
+    with pytest.raises(ValueError, match=r"solver|tol"):
+        soft_targets(torch.randn(4, 3), torch.randn(4, 2), 0.5, 4.0, solver=solver, tol=tol)
+
+
 # ------------------------------------------------------------------ properties
 
 
@@ -252,8 +325,11 @@ def _worker(rank: int, world: int, port: int, features, logits, out_dir: str) ->
         b = features.shape[0] // world
         mine = slice(rank * b, (rank + 1) * b)
         q = global_soft_targets(features[mine], logits[mine], 0.6, 3.0)
+        neumann = global_soft_targets(features[mine], logits[mine], 0.6, 3.0, "neumann", 1e-3)
         local_only = soft_targets(features[mine], logits[mine], 0.6, 3.0)
-        torch.save({"global": q, "local": local_only}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {"global": q, "neumann": neumann, "local": local_only}, Path(out_dir) / f"rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -265,6 +341,11 @@ def test_two_workers_equal_single_process_on_concatenated_batch(tmp_path):
     single = soft_targets(features, logits, 0.6, 3.0)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(torch.cat([p["global"] for p in parts]), single, rtol=0, atol=1e-6)
+    # The iterative solver ensembles over the same global batch, within its tolerance.
+    single_neumann = soft_targets(features, logits, 0.6, 3.0, "neumann", 1e-3)
+    global_neumann = torch.cat([p["neumann"] for p in parts])
+    torch.testing.assert_close(global_neumann, single_neumann, rtol=0, atol=1e-6)
+    assert (global_neumann - single).abs().sum(dim=1).max() <= 1e-3
     # And the global batch really changes the targets compared to per-worker ensembling.
     local = torch.cat([p["local"] for p in parts])
     assert (local - single).abs().max() > 1e-3

@@ -42,6 +42,10 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("bake.temperature=0", r"bake\.temperature: must be > 0"),
         ("bake.loss_weight=-1", r"bake\.loss_weight: must be >= 0"),
         ("bake.temperature=.nan", r"bake\.temperature: must be a finite number"),
+        ("bake.solver=inverse", r"bake\.solver: unknown 'inverse'; one of \('auto', 'solve'"),
+        ("bake.tol=0", r"bake\.tol: must be in \(0, 1\), got 0\.0"),
+        ("bake.tol=1", r"bake\.tol: must be in \(0, 1\), got 1\.0"),
+        ("runtime.log_every=-1", r"runtime\.log_every: must be >= 0, got -1"),
         (
             "data.batch_size=31",
             r"data\.batch_size: 31 must be divisible by data\.same_class \+ 1 = 2",
