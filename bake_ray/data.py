@@ -2,7 +2,7 @@
 
 BAKE only works if every mini-batch holds several images of the same class: an anchor image is
 followed by ``M = same_class`` other images of its class, so a batch of ``N = batch_size`` images
-holds ``N / (M + 1)`` anchors (DESIGN.md section 1). :class:`ClassAwareBatchSampler` builds such
+holds ``N / (M + 1)`` anchors, as in the paper. :class:`ClassAwareBatchSampler` builds such
 batches, makes every training image an anchor once per epoch, and shards the anchors across
 data-parallel ranks with equal, full batches (the all-gather of global ensembling needs them).
 

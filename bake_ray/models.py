@@ -1,7 +1,7 @@
 """Architectures for BAKE: every model returns ``(features [B, D], logits [B, C])``.
 
 BAKE's affinity is built from the pooled feature vector that feeds the final linear layer
-(DESIGN.md section 1), so each model exposes that vector next to its logits instead of hiding
+(as in the paper), so each model exposes that vector next to its logits instead of hiding
 it inside a classifier. Models are plain ``nn.Module``s with no globals, no device calls and
 no knowledge of the config; :func:`build_model` is the only entry point the rest of the code
 needs. Besides the four built-in models it builds ``timm/<name>`` and ``torchvision/<name>``

@@ -1,7 +1,7 @@
 """Does BAKE help? bake vs ce vs label_smoothing, same sampler, epochs and seeds.
 
 Every method trains with the same class-aware sampler, optimizer, schedule, epochs and
-seeds (the fair baseline of DESIGN.md section 1), through the engine's own ``fit``. The
+seeds (a fair baseline shares the sampler), through the engine's own ``fit``. The
 reported accuracy is the test accuracy at the epoch that was best on the validation split
 (held out of the training set), next to last-epoch test accuracy; the best *test* epoch
 is never reported. Seeds are paired: seed s of every method sees the same data split and
