@@ -394,7 +394,7 @@ def _train_step_worker(rank: int, world: int, port: int, on: bool, out_dir: str)
 
 def _kd_of_two_process_step(tmp_path: Path, on: bool) -> tuple[float, float]:
     """(KD the engine reported, KD of single-process BakeLoss on the concatenated batch)."""
-    from bake_ray.models import build_model
+    from bake_ray.models import build_model, to_channels_last
 
     out = tmp_path / ("on" if on else "off")
     out.mkdir()
@@ -403,6 +403,7 @@ def _kd_of_two_process_step(tmp_path: Path, on: bool) -> tuple[float, float]:
     assert ranks[0]["kd"] == ranks[1]["kd"]  # summed over workers: every rank reports it
     model = build_model("small_cnn", 10, 1, 8)
     model.load_state_dict(ranks[0]["start"])
+    to_channels_last(model)  # the memory format the engine chose (runtime.channels_last unset)
     model.train()  # batch-norm statistics per worker's half, as each worker computed them
     batch = _STEP_CONFIG["data"]["batch_size"]
     images, labels = _one_batch(2, batch)
