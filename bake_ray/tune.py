@@ -201,8 +201,9 @@ def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | None:
-    """Download the kept checkpoint with the highest val_acc to ``dest`` (default: a new
-    temporary folder, which the caller must remove)."""
+    """Download the kept checkpoint with the highest val_acc (on a tie, the later one: the
+    engine's selected epoch) to ``dest`` (default: a new temporary folder, which the caller
+    must remove)."""
     import json
 
     best: tuple[float, pyarrow.fs.FileSystem, str] | None = None
@@ -212,7 +213,7 @@ def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | No
             infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
         except OSError:
             continue
-        for info in infos:
+        for info in sorted(infos, key=lambda i: i.base_name):  # checkpoint_000001, ... in order
             if info.type != pyarrow.fs.FileType.Directory or "checkpoint_" not in info.base_name:
                 continue
             try:
@@ -220,7 +221,7 @@ def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | No
                     val = float(json.loads(handle.read())["val_acc"])
             except (OSError, ValueError, KeyError):
                 continue
-            if best is None or val > best[0]:
+            if best is None or val >= best[0]:  # a tie goes to the later epoch, as in training
                 best = (val, fs, info.path)
     if best is None:
         return None
