@@ -117,10 +117,15 @@ def separability_line(rows: list[TrialRow]) -> str:
             f"[{low:.4f}, {high:.4f}]: the search cannot tell them apart on "
             f"{leader.val_n} validation images"
         )
-    return (
+    line = (
         f"the runner-up ({usable[1].best_val_acc:.4f}) is below the leader's 95% interval "
         f"[{low:.4f}, {high:.4f}] on {leader.val_n} validation images"
     )
+    if usable[1].val_n <= 0:
+        return line
+    d_low, d_high = difference_interval(leader, usable[1])
+    verdict = "excludes 0" if d_low > 0 else "still includes 0"
+    return f"{line}; the margin's 95% interval [{d_low:+.4f}, {d_high:+.4f}] {verdict}"
 
 
 def tie_note(rows: list[TrialRow]) -> str | None:

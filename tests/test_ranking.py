@@ -48,7 +48,10 @@ def test_the_summary_says_when_the_leader_is_not_separable() -> None:
     assert line.startswith(f"top {inside} trials are within the leader's 95% interval")
     assert line.endswith("the search cannot tell them apart on 144 validation images")
     apart = ranking.rank([row("a", 0.99, 0.1, n=10_000), row("b", 0.90, 0.1, n=10_000)])
-    assert "is below the leader's 95% interval" in ranking.separability_line(apart)
+    line = ranking.separability_line(apart)
+    assert "is below the leader's 95% interval" in line and line.endswith("excludes 0")
+    near = ranking.rank([row("a", 34 / 40, 0.1, n=40), row("b", 28 / 40, 0.1, n=40)])
+    assert ranking.separability_line(near).endswith("still includes 0")  # below, yet unsure
 
 
 def test_description_names_winner_runner_up_and_margin_interval() -> None:
