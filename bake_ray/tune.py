@@ -355,7 +355,9 @@ def _row(result: Any, space: ss.SearchSpace) -> TrialRow:
 
 
 def _started(metrics: dict[str, Any]) -> float:
-    """When the trial started: its last report's time less the time it has run."""
+    """When the trial started, for the order of Optuna's history plot: its last report's
+    time less the time it has run (a trial paused by an interrupt looks as late as the pause
+    was long; Tune's own logs, which would say better, may be turned off)."""
     return float(metrics.get("timestamp", 0.0)) - float(metrics.get("time_total_s", 0.0))
 
 
