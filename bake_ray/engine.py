@@ -198,9 +198,7 @@ def _take(loader: DataLoader, max_steps: int | None) -> Iterator[Any]:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: DataLoader, ctx: Context
-) -> tuple[float, float, float]:
+def evaluate(model: nn.Module, loader: DataLoader, ctx: Context) -> tuple[float, float, float]:
     """(accuracy, mean cross-entropy, number of images); with several workers each holds a
     shard, summed here. The count is exact so a search can put an interval on accuracy."""
     model.eval()
@@ -363,9 +361,7 @@ def _epoch_metrics(
     }
 
 
-def _val_loss_at_best(
-    state: RunState, val_loss: float, history: list[dict[str, float]]
-) -> float:
+def _val_loss_at_best(state: RunState, val_loss: float, history: list[dict[str, float]]) -> float:
     """Validation loss of the selected (best-val) epoch: this one, or an earlier report's."""
     if state.best_epoch == state.epoch:
         return val_loss
