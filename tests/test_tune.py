@@ -164,10 +164,13 @@ def test_search_with_two_ray_train_workers_per_trial(tmp_path, ray_local, mlflow
     client = MlflowClient(mlflow_server)
     _, children = runs_of(client, "ddp")
     assert len(children) == 2
+    best = cfg.load(tmp_path / "storage" / "ddp-1" / "best_config.yaml")
+    val_n = len(build_splits(best.data, best.seed).val)  # every shard counted once
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["runtime.workers"] == "2"
         assert child.data.params["bake.global_ensembling"] == "True"
+        assert child.data.metrics["val_n"] == val_n
         assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch")] == [1, 2]
         assert "checkpoint/checkpoint.pt" in [
             a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")
