@@ -343,8 +343,9 @@ def _take(loader: Iterable[Any], max_steps: int | None) -> Iterator[Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, ctx: Context) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy); with several workers each holds a shard, summed here.
+def evaluate(model: nn.Module, loader: DataLoader, ctx: Context) -> tuple[float, float, float]:
+    """(accuracy, mean cross-entropy, number of images); with several workers each holds a
+    shard, summed here. The count is exact so a search can put an interval on accuracy.
 
     Sums stay on the device and are read once at the end, like training's.
     """
@@ -358,7 +359,7 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: Context) -> tuple[float,
         sums[:2] += torch.stack([correct.double(), loss.double()])
         sums[2] += labels.shape[0]
     correct, loss_sum, count = _read_sums(sums, ctx)
-    return correct / max(count, 1.0), loss_sum / max(count, 1.0)
+    return correct / max(count, 1.0), loss_sum / max(count, 1.0), count
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -507,13 +508,21 @@ def _record_best(state: RunState, val_acc: float, test_acc: float) -> None:
 
 
 def _epoch_metrics(
-    state: RunState, train: dict[str, float], val: tuple[float, float], test: tuple[float, float]
+    state: RunState,
+    train: dict[str, float],
+    val: tuple[float, float, float],
+    test: tuple[float, float, float],
+    history: list[dict[str, float]],
 ) -> dict[str, float]:
+    """One epoch's report. ``val_n`` (validation images) and the validation loss at the
+    selected epoch let a search put intervals on accuracy and break accuracy ties."""
     return {
         "epoch": float(state.epoch),
         **train,
         "val_acc": val[0],
         "val_loss": val[1],
+        "val_n": val[2],
+        "val_loss_at_best_val": _val_loss_at_best(state, val[1], history),
         "test_acc": test[0],
         "test_loss": test[1],
         "best_val_acc": state.best_val_acc,
@@ -521,6 +530,16 @@ def _epoch_metrics(
         "test_acc_at_best_val": state.test_acc_at_best,
         "train_time_s": state.train_time_s,
     }
+
+
+def _val_loss_at_best(state: RunState, val_loss: float, history: list[dict[str, float]]) -> float:
+    """Validation loss of the selected (best-val) epoch: this one, or an earlier report's."""
+    if state.best_epoch == state.epoch:
+        return val_loss
+    for past in reversed(history):
+        if int(past.get("epoch", -1)) == state.best_epoch:
+            return float(past.get("val_loss", math.inf))
+    return math.inf
 
 
 def fit(
@@ -564,7 +583,7 @@ def fit(
         val = evaluate(state.model, loaders.val, ctx)
         test = evaluate(state.model, loaders.test, ctx)
         _record_best(state, val[0], test[0])
-        metrics = _epoch_metrics(state, train, val, test)
+        metrics = _epoch_metrics(state, train, val, test, history)
         history.append(metrics)
         _report_with_checkpoint(reporter, state, config, history, ctx)
     return history

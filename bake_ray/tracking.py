@@ -58,6 +58,7 @@ ORPHANED_REASON = (
     "the resumed search replaced it with a new trial"
 )
 TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
 TAG_RUN_NAME = "mlflow.runName"
 ROLE_SEARCH = "search"
 ROLE_TRIAL = "trial"
@@ -311,19 +312,29 @@ def _truncate(text: str, limit: int) -> str:
 
 def _param_text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return json.dumps(list(value), default=str)
-    return str(value)
+        return json.dumps([_readable(v) for v in value], default=str)
+    return str(_readable(value))
+
+
+def _readable(value: Any) -> Any:
+    """A float rounded to 4 significant digits (4.0 stays 4.0, 1e-06 stays 1e-06)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.4g}")
+    return value
 
 
 def config_params(config: Mapping[str, Any]) -> dict[str, str]:
-    """Every resolved config value as an MLflow param, plus ``T``/``omega``/``lambda`` aliases.
+    """Every resolved config value as an MLflow param, each once, floats to 4 significant
+    digits (an Optuna sample such as 3.847291038 reads as 3.847; best_config.yaml keeps
+    every digit). BAKE's three hyperparameters go by the paper's names ``T``, ``omega`` and
+    ``lambda`` instead of their config paths.
 
     Values are cut to MLflow's length limit so a long value never makes the batch fail.
     """
-    flat = {_clean_key(k): _param_text(v) for k, v in flatten_config(config).items()}
-    for path, alias in BAKE_ALIASES.items():
-        if path in flat:
-            flat[alias] = flat[path]
+    flat = {
+        _clean_key(BAKE_ALIASES.get(k, k)): _param_text(v)
+        for k, v in flatten_config(config).items()
+    }
     return {k: _truncate(v, MAX_PARAM_VALUE) for k, v in flat.items()}
 
 
@@ -835,6 +846,18 @@ class SearchTracker:
         with self._lock:
             self._submit(self.parent, "best tags", lambda: self._set_tags(self.parent, tags))
             self._submit(self.parent, "best metrics", lambda: self._log_best_metrics(clean, step))
+
+    def describe_search(self, description: str, winner_params: Mapping[str, Any]) -> None:
+        """The parent's MLflow description (tag ``mlflow.note.content``, shown on its page)
+        and the winner's searched values as parent params, under the same names as in the
+        trials' runs, so the parent lines up with its children in the runs table."""
+        params = config_params(winner_params)
+        tags = {TAG_NOTE: description}
+        with self._lock:
+            self._submit(self.parent, "description", lambda: self._set_tags(self.parent, tags))
+            self._submit(
+                self.parent, "winner params", lambda: self._log_params(self.parent, params)
+            )
 
     def _log_best_metrics(self, metrics: Mapping[str, float], step: int | None) -> None:
         if step is None:  # one step after the furthest one, so an update is never skipped

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -31,7 +32,7 @@ import optuna
 import pyarrow.fs
 from ray import tune
 
-from bake_ray import capacity, tracking
+from bake_ray import capacity, ranking, tracking
 from bake_ray import config as cfg
 from bake_ray import search_record as rec
 from bake_ray import search_space as ss
@@ -39,6 +40,7 @@ from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.config import ConfigError
 from bake_ray.data import check_data_available, input_shape
 from bake_ray.models import check_model_available
+from bake_ray.ranking import TrialRow
 from bake_ray.raytrain import absolute_paths
 from bake_ray.trial import (
     BASE_KEY,
@@ -76,6 +78,16 @@ def _param_summary(trial_config: dict[str, Any]) -> str:
         f"{_short(k)}={v:.4g}" if isinstance(v, float) else f"{_short(k)}={v}"
         for k, v in params.items()
     )
+
+
+def accuracy_interval(result: dict[str, Any]) -> dict[str, float]:
+    """``best_val_acc_lo``/``_hi``: the 95% Wilson interval of the best validation accuracy
+    so far, over the ``val_n`` validation images (nothing when the count is unknown)."""
+    n = int(result.get("val_n", 0) or 0)
+    if n <= 0 or "best_val_acc" not in result:
+        return {}
+    low, high = ranking.wilson_interval(round(float(result["best_val_acc"]) * n), n)
+    return {"best_val_acc_lo": low, "best_val_acc_hi": high}
 
 
 class ProgressCallback(tune.Callback):
@@ -152,7 +164,8 @@ class MlflowTrialCallback(tune.Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         if "epoch" in result:
-            self.tracker.log_trial_metrics(trial.trial_id, result, step=int(result["epoch"]))
+            metrics = {**result, **accuracy_interval(result)}
+            self.tracker.log_trial_metrics(trial.trial_id, metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status, error = _status_of(trial.last_result or {}, self.epochs)
@@ -190,8 +203,9 @@ def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | None:
-    """Download the kept checkpoint with the highest val_acc to ``dest`` (default: a new
-    temporary folder, which the caller must remove)."""
+    """Download the kept checkpoint with the highest val_acc (on a tie, the later one: the
+    engine's selected epoch) to ``dest`` (default: a new temporary folder, which the caller
+    must remove)."""
     import json
 
     best: tuple[float, pyarrow.fs.FileSystem, str] | None = None
@@ -201,7 +215,7 @@ def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | No
             infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
         except OSError:
             continue
-        for info in infos:
+        for info in sorted(infos, key=lambda i: i.base_name):  # checkpoint_000001, ... in order
             if info.type != pyarrow.fs.FileType.Directory or "checkpoint_" not in info.base_name:
                 continue
             try:
@@ -209,7 +223,7 @@ def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | No
                     val = float(json.loads(handle.read())["val_acc"])
             except (OSError, ValueError, KeyError):
                 continue
-            if best is None or val > best[0]:
+            if best is None or val >= best[0]:  # a tie goes to the later epoch, as in training
                 best = (val, fs, info.path)
     if best is None:
         return None
@@ -320,18 +334,6 @@ def build_tuner(
 # --------------------------------------------------------------------------- results
 
 
-@dataclass
-class TrialRow:
-    """One line of the final table."""
-
-    trial_id: str
-    params: dict[str, Any]
-    best_val_acc: float
-    test_acc: float
-    epochs: int
-    status: str
-
-
 def _row(result: Any, space: ss.SearchSpace) -> TrialRow:
     metrics = result.metrics or {}
     params = {d.key: result.config.get(d.key) for d in space.dimensions}
@@ -349,7 +351,17 @@ def _row(result: Any, space: ss.SearchSpace) -> TrialRow:
         test_acc=float(metrics.get("test_acc_at_best_val", float("nan"))),
         epochs=epochs,
         status=status,
+        val_n=int(metrics.get("val_n", 0)),
+        val_loss=float(metrics.get("val_loss_at_best_val", float("inf"))),
+        started=_started(metrics),
     )
+
+
+def _started(metrics: dict[str, Any]) -> float:
+    """When the trial started, for the order of Optuna's history plot: its last report's
+    time less the time it has run (a trial paused by an interrupt looks as late as the pause
+    was long; Tune's own logs, which would say better, may be turned off)."""
+    return float(metrics.get("timestamp", 0.0)) - float(metrics.get("time_total_s", 0.0))
 
 
 def _short(key: str) -> str:
@@ -359,46 +371,66 @@ def _short(key: str) -> str:
 
 
 def format_table(rows: list[TrialRow]) -> str:
-    """Trials ranked by best validation accuracy (test accuracy is that epoch's, not the max)."""
+    """Trials in ranking order (:mod:`bake_ray.ranking`): best validation accuracy with its
+    count of correct images out of n and its 95% Wilson interval, the validation loss that
+    breaks ties, and the test accuracy of that same epoch (not the best test accuracy)."""
     keys = list(rows[0].params) if rows else []
     header = [
         "rank",
         "trial",
         *(_short(k) for k in keys),
         "best val",
+        "correct/n",
+        "95% interval",
+        "val loss",
         "its test",
         "epochs",
         "status",
     ]
-    lines = [header]
-    for i, row in enumerate(rows, 1):
-        values = [
-            f"{row.params[k]:.4g}" if isinstance(row.params[k], float) else str(row.params[k])
-            for k in keys
-        ]
-        lines.append(
-            [
-                str(i),
-                row.trial_id,
-                *values,
-                f"{row.best_val_acc:.4f}",
-                f"{row.test_acc:.4f}",
-                str(row.epochs),
-                row.status,
-            ]
-        )
+    lines = [header, *(_table_line(i, row, keys) for i, row in enumerate(rows, 1))]
     widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in lines
     )
+    return table + "\n" + TABLE_NOTE
+
+
+TABLE_NOTE = (
+    "ranked by best val, then lower val loss at that epoch, then trial id; "
+    "95% interval: Wilson score interval of best val over its n validation images"
+)
+
+
+def _table_line(rank: int, row: TrialRow, keys: list[str]) -> list[str]:
+    values = [
+        f"{row.params[k]:.4g}" if isinstance(row.params[k], float) else str(row.params[k])
+        for k in keys
+    ]
+    known = row.val_n > 0
+    low, high = row.interval
+    return [
+        str(rank),
+        row.trial_id,
+        *values,
+        f"{row.best_val_acc:.4f}",
+        f"{row.val_correct}/{row.val_n}" if known else "-",
+        f"{low:.4f}-{high:.4f}" if known else "-",
+        f"{row.val_loss:.4f}" if math.isfinite(row.val_loss) else "-",
+        f"{row.test_acc:.4f}",
+        str(row.epochs),
+        row.status,
+    ]
 
 
 def study_from_rows(rows: list[TrialRow], space: ss.SearchSpace) -> optuna.Study:
-    """An Optuna study rebuilt from the results (for plots), independent of Tune internals."""
+    """An Optuna study rebuilt from the results (for plots), independent of Tune internals.
+
+    Trials are added in the order they started, so the history plot shows the search as it
+    went (rows come in ranking order, which would draw a monotone curve)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     dists = optuna_space(space)
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (r.started, r.trial_id)):
         if row.status == "error":
             continue
         study.add_trial(
@@ -655,7 +687,7 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
         results = tuner.fit()
     if stop.is_set():
         _finish_interrupted(tracker, p, results, record)
-    rows = sorted((_row(r, p.space) for r in results), key=lambda r: -r.best_val_acc)
+    rows = ranking.rank([_row(r, p.space) for r in results])
     summary = io.StringIO()
     with contextlib.redirect_stdout(_Tee(sys.stdout, summary)):
         _finish(tracker, p, rows, exp_path)
@@ -790,7 +822,7 @@ def _finish_interrupted(
     """Table with the unfinished trials marked ``interrupted``; MLflow runs KILLED and tagged
     with the resume command; no best config (the search is not over)."""
     unfinished = _unfinished_trials(p.name)
-    rows = sorted((_row(r, p.space) for r in results), key=lambda r: -r.best_val_acc)
+    rows = ranking.rank([_row(r, p.space) for r in results])
     for row in rows:
         if row.trial_id in unfinished:
             row.status = "interrupted"
@@ -847,7 +879,11 @@ def best_config(p: Plan, row: TrialRow) -> cfg.Config:
 
 def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str) -> None:
     """Table, best config, summary artifacts and plots on the parent run; close every run."""
-    table = format_table(rows)
+    table = "\n".join(
+        line for line in (format_table(rows), ranking.tie_note(rows)) if line is not None
+    )
+    if any(r.status != "error" for r in rows):
+        table += "\n" + ranking.separability_line(rows)
     print("\n" + table + "\n", flush=True)
     out = _scratch_dir(p.name, "summary")
     (out / "trials.txt").write_text(table + "\n")
@@ -862,11 +898,13 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
         tracker.log_best(
             best.trial_id,
             cfg.to_dict(config),
-            {"val_acc": best.best_val_acc, "test_acc": best.test_acc},
+            {"val_acc": best.best_val_acc, "test_acc": best.test_acc, **_best_metrics(best)},
         )
+        tracker.describe_search(ranking.describe(rows, _short), best.params)
         tracker.log_study_plots(study_from_rows(rows, p.space))
         print(
-            f"best trial {best.trial_id}: val {best.best_val_acc:.4f}, test {best.test_acc:.4f}; "
+            f"best trial {best.trial_id}: val {best.best_val_acc:.4f}"
+            f"{_interval_text(best)}, test {best.test_acc:.4f}; "
             f"config written to {best_path}\n"
             f"  train it: {_train_hint(p, tracker, best_path, config.runtime.workers == 0)}"
         )
@@ -879,6 +917,21 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
         f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}",
         flush=True,
     )
+
+
+def _interval_text(row: TrialRow) -> str:
+    if row.val_n <= 0:
+        return ""
+    low, high = row.interval
+    return f" ({row.val_correct}/{row.val_n}, 95% interval {low:.4f}-{high:.4f})"
+
+
+def _best_metrics(row: TrialRow) -> dict[str, float]:
+    """The winner's interval and n, logged on the parent as ``best.val_acc_lo`` etc."""
+    if row.val_n <= 0:
+        return {}
+    low, high = row.interval
+    return {"val_acc_lo": low, "val_acc_hi": high, "val_n": float(row.val_n)}
 
 
 def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path, in_process: bool) -> str:

@@ -82,7 +82,7 @@ def test_default_artifact_location() -> None:
 
 def test_config_params_flatten_aliases_and_limits() -> None:
     params = config_params({**CONFIG, "note": "x" * 10_000, "we!rd": 1})
-    assert params["bake.temperature"] == "4.0" == params["T"]
+    assert params["T"] == "4.0" and "bake.temperature" not in params  # each param once
     assert params["omega"] == "0.5" and params["lambda"] == "1.0"
     assert params["optim.milestones"] == "[0.5, 0.75]"
     assert params["data.data_dir"] == "None"
@@ -90,6 +90,14 @@ def test_config_params_flatten_aliases_and_limits() -> None:
     assert "we_rd" in params
     # an already-dotted config gives the same params
     assert config_params({"bake.temperature": 4.0})["T"] == "4.0"
+
+
+def test_config_params_are_logged_once_with_readable_floats() -> None:
+    params = config_params({"bake": {"temperature": 3.847291038472}, "optim": {"lr": 1e-6}})
+    assert params == {"T": "3.847", "optim.lr": "1e-06"}
+    assert config_params({"optim": {"milestones": [0.3333333333, 0.75]}}) == {
+        "optim.milestones": "[0.3333, 0.75]"
+    }
 
 
 def test_filter_metrics_keeps_only_model_numbers() -> None:
@@ -229,7 +237,8 @@ def test_parent_child_nesting_params_metrics_and_statuses(
         assert tags["mlflow.runName"] == f"trial_{trial_id}"
         assert tags["bake_ray.trial_id"] == trial_id
         assert run.info.status == status
-        assert run.data.params["bake.omega"] == "0.5" and run.data.params["lambda"] == "1.0"
+        assert run.data.params["omega"] == "0.5" and run.data.params["lambda"] == "1.0"
+        assert "bake.omega" not in run.data.params
         assert set(run.data.metrics) == {"train_loss", "val_acc"}
         assert _steps(client, run.info.run_id, "val_acc") == [0, 1, 2]
     failed = client.get_run(tracker.trial_run_id("c")).data.tags["bake_ray.error"]
@@ -237,6 +246,20 @@ def test_parent_child_nesting_params_metrics_and_statuses(
     artifacts = client.list_artifacts(tracker.trial_run_id("a"), "checkpoint")
     assert [a.path for a in artifacts] == ["checkpoint/model.pt"]
     assert "compare-runs" in tracker.compare_url()
+
+
+@pytest.mark.slow
+def test_parent_description_and_winner_params(mlflow_server: str) -> None:
+    tracker = SearchTracker(_name(), "s-desc", mlflow_server)
+    tracker.log_search_params({"space": "digits", "epochs": 3})
+    winner = {"bake.temperature": 2.718281828, "bake.omega": 0.5, "optim.lr": 0.0123456}
+    tracker.describe_search("**Winner**: trial a", winner)
+    assert tracker.close_all().ok
+    parent = MlflowClient(mlflow_server).get_run(tracker.parent_run_id)
+    assert parent.data.tags["mlflow.note.content"] == "**Winner**: trial a"
+    params = parent.data.params
+    assert params["T"] == "2.718" and params["omega"] == "0.5" and params["optim.lr"] == "0.01235"
+    assert params["space"] == "digits"  # the search's own params stay beside them
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from bake_ray import config as cfg
 from bake_ray import tune as bake_tune
+from bake_ray.data import build_splits
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,7 @@ def test_search_records_everything_in_mlflow(tmp_path, ray_local, mlflow_server,
     by_lr = {float(c.data.params["optim.lr"]): c for c in children}
     good, hopeless = by_lr[0.05], by_lr[1e-6]
     assert good.data.params["T"] == "4.0" and good.data.params["omega"] == "0.5"
-    assert good.data.params["lambda"] == "1.0" and good.data.params["bake.omega"] == "0.5"
+    assert good.data.params["lambda"] == "1.0" and "bake.omega" not in good.data.params
     assert good.data.params["data.train_subset"] == "400"  # every resolved value is a param
     assert good.info.status == "FINISHED"
     assert hopeless.info.status == "KILLED"  # ASHA stopped it at the first rung
@@ -107,6 +108,47 @@ def test_search_records_everything_in_mlflow(tmp_path, ray_local, mlflow_server,
     loaded = cfg.load(best)
     assert loaded.optim.lr == 0.05 and loaded.runtime.workers == 0 and loaded.epochs == 3
     assert "rank" in out and "stopped" in out and "mlflow ui --backend-store-uri" in out
+    check_honest_ranking(client, parent, children, loaded, out)
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval, written out here to check bake-ray's (scipy's) values."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return centre - half, centre + half
+
+
+def check_honest_ranking(client, parent, children, best_config, out: str) -> None:
+    """Every accuracy with its n and 95% interval, in the table, MLflow and the summary; the
+    parent describes the winner and holds its searched values; each param once, 4 digits."""
+    n = len(build_splits(best_config.data, best_config.seed).val)
+    for child in children:
+        run = child.info.run_id
+        steps = [m.step for m in client.get_metric_history(run, "val_acc")]
+        for key in ("val_n", "val_loss", "best_val_acc_lo", "best_val_acc_hi"):
+            assert [m.step for m in client.get_metric_history(run, key)] == steps, key
+        assert child.data.metrics["val_n"] == n
+        correct = round(child.data.metrics["best_val_acc"] * n)
+        low, high = wilson(correct, n)
+        assert child.data.metrics["best_val_acc_lo"] == pytest.approx(low, abs=1e-6)
+        assert child.data.metrics["best_val_acc_hi"] == pytest.approx(high, abs=1e-6)
+        assert f"{correct}/{n}" in out and f"{low:.4f}-{high:.4f}" in out
+        for key in ("T", "omega", "lambda", "optim.lr"):
+            value = float(child.data.params[key])
+            assert value == float(f"{value:.4g}"), (key, child.data.params[key])
+        assert not {"bake.temperature", "bake.omega", "bake.loss_weight"} & set(child.data.params)
+    winner = parent.data.tags["best.trial_id"]
+    best = next(c for c in children if c.data.tags["bake_ray.trial_id"] == winner)
+    for key in ("T", "omega", "lambda", "optim.lr"):
+        assert parent.data.params[key] == best.data.params[key], key
+    assert parent.data.metrics["best.val_n"] == n
+    assert parent.data.metrics["best.val_acc_lo"] == best.data.metrics["best_val_acc_lo"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"**Winner**: trial {winner}" in note and "**Runner-up**" in note
+    assert "**Margin**" in note and "95% interval" in note
+    assert "95% interval" in out and "correct/n" in out
+    assert "the leader's 95% interval" in out and f"{n} validation images" in out
 
 
 def test_search_with_two_ray_train_workers_per_trial(tmp_path, ray_local, mlflow_server):
@@ -122,10 +164,13 @@ def test_search_with_two_ray_train_workers_per_trial(tmp_path, ray_local, mlflow
     client = MlflowClient(mlflow_server)
     _, children = runs_of(client, "ddp")
     assert len(children) == 2
+    best = cfg.load(tmp_path / "storage" / "ddp-1" / "best_config.yaml")
+    val_n = len(build_splits(best.data, best.seed).val)  # every shard counted once
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["runtime.workers"] == "2"
         assert child.data.params["bake.global_ensembling"] == "True"
+        assert child.data.metrics["val_n"] == val_n
         assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch")] == [1, 2]
         assert "checkpoint/checkpoint.pt" in [
             a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")
