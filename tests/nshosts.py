@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]  # the repository these tests belong to
 PYTHON_PREFIX = Path(sys._base_executable).resolve().parents[1]  # the real python3.11 install
 TOOLS = ("ip", "unshare", "nsenter", "rsync", "ssh", "ssh-keygen", "tail", "pgrep")
 SSHD = "/usr/sbin/sshd"
@@ -174,17 +175,24 @@ class Hosts:
         The client keeps this machine's /root (its Python lives there): its home is
         /opt/ci/hosts/client/home, given to each client command as $HOME.
         """
+        # The repository (the client runs `ray up` from it, with its .venv) may itself lie
+        # under /tmp or /opt, which the mounts below replace: keep it reachable at its own
+        # path through a bind made first and carried along by the rbind of the root.
+        repo = self.root / "repo"
+        repo.mkdir(exist_ok=True)
         mounts = [
+            f"mount --bind {REPO} {repo}",
             "mount -t tmpfs tmpfs /opt",
             "mkdir /opt/python3.11 /opt/wheelhouse /opt/ci",
             f"mount --bind {PYTHON_PREFIX} /opt/python3.11",
             f"mount --bind -o ro {self.wheelhouse} /opt/wheelhouse",
-            f"mount --bind {self.root} /opt/ci",
+            f"mount --rbind {self.root} /opt/ci",
             f"mount --bind {self.shared} /mnt",
             *([] if client else [f"mount --bind {host.home} /root"]),
             # Python where it was installed (its binary finds libpython by that path)
             f"mkdir -p {PYTHON_PREFIX}", f"mount --bind /opt/python3.11 {PYTHON_PREFIX}",
             f"mount --bind {host.dir / 'tmp'} /tmp",
+            f"mkdir -p {REPO}", f"mount --bind /opt/ci/repo {REPO}",
             "mkdir -p /run/sshd",
         ]
         main = ("exec sleep infinity" if client
