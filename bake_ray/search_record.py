@@ -80,7 +80,8 @@ class SearchRecord:
         return ss.parse(self.space, None, list(overrides))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=True)
+        # The file's own key order: the space's dimensions (and the table's columns) keep it.
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
 def resolved_raw(space: ss.SearchSpace) -> dict[str, Any]:
