@@ -2,7 +2,7 @@
 
 For a mini-batch of B images with pooled features f_i and logits z_i::
 
-    A_ij = softmax_{j != i}( cos(f_i, f_j) )            affinity, self excluded (A_ii = 0)
+    A_ij = softmax_{j != i}( cos(f_i, f_j) / tau )      affinity, self excluded (A_ii = 0)
     P    = softmax(z / T)                                tempered class probabilities
     Q    = (1 - omega) (I - omega A)^-1 P                propagated soft targets
     KD   = T^2 * (1/B) sum_i KL(Q_i || softmax(z_i / T))
@@ -20,6 +20,11 @@ with a proven error bound; and ``auto`` (the default), whichever of the two need
 floating-point operations for this B, C, omega and tolerance. None of them reads a value
 back to the host, so ensembling never stalls a GPU's queue.
 
+The affinity temperature tau (``bake.affinity_temperature``) goes BEYOND the paper, whose
+affinity is the plain softmax of cosines: tau = 1 (the default) is the paper exactly.
+Cosines of post-ReLU features lie in [0, 1], so at tau = 1 every row of A is close to
+uniform over the batch; tau < 1 sharpens it towards the nearest neighbours.
+
 No Ray here: distribution goes through ``torch.distributed`` when it is initialised.
 """
 
@@ -33,7 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bake_ray.config import SOLVERS, BakeConfig
+from bake_ray.config import METHODS, SOLVERS, BakeConfig
+from bake_ray.schema import validated
 
 #: Default ``tol`` of the ``neumann``/``auto`` solvers (``bake.tol``, 1e-6): the largest
 #: row-L1 distance ``max_i ||Q~_i - Q_i||_1`` allowed from the exact closed form (each target
@@ -49,10 +55,16 @@ def _ensemble_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def affinity(features: Tensor) -> Tensor:
-    """Row-stochastic affinity A: softmax over j != i of the cosine similarity (no temperature)."""
+def affinity(features: Tensor, tau: float = 1.0) -> Tensor:
+    """Row-stochastic affinity A: softmax over j != i of cos(f_i, f_j) / tau.
+
+    tau = 1 is the paper's affinity (no temperature); dividing by 1.0 is exact, so the
+    default reproduces it bit for bit.
+    """
     normed = F.normalize(features, dim=1)
     cosine = normed @ normed.t()
+    if tau != 1.0:
+        cosine = cosine / tau
     self_mask = torch.eye(cosine.shape[0], dtype=torch.bool, device=cosine.device)
     return torch.softmax(cosine.masked_fill(self_mask, float("-inf")), dim=1)
 
@@ -149,28 +161,34 @@ def propagate_with(
 
 
 def _check_hyperparameters(
-    omega: float, temperature: float, solver: str = "auto", tol: float = DEFAULT_TOL
+    omega: float,
+    temperature: float,
+    solver: str = "auto",
+    tol: float = DEFAULT_TOL,
+    affinity_temperature: float = 1.0,
 ) -> None:
-    if not 0.0 <= omega < 1.0:
-        raise ValueError(f"omega must be in [0, 1), got {omega}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; one of {', '.join(SOLVERS)}")
-    if not 0.0 < tol < 1.0:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    """The ranges of :class:`BakeConfig` (the one place they are written), checked by its
+    schema: a :class:`~bake_ray.errors.ConfigError` (a ValueError) names the bad value."""
+    values = {"omega": omega, "temperature": temperature, "solver": solver, "tol": tol}
+    validated(BakeConfig, {**values, "affinity_temperature": affinity_temperature}, "bake.")
 
 
 @torch.no_grad()
 def soft_targets_from_probs(
-    features: Tensor, probs: Tensor, omega: float, solver: str = "auto", tol: float = DEFAULT_TOL
+    features: Tensor,
+    probs: Tensor,
+    omega: float,
+    solver: str = "auto",
+    tol: float = DEFAULT_TOL,
+    affinity_temperature: float = 1.0,
 ) -> Tensor:
     """Ensembled targets from already-tempered probabilities P (used after a global gather)."""
     dtype = _ensemble_dtype(probs.dtype)
     probs = probs.detach().to(dtype)
     if omega == 0.0 or probs.shape[0] < 2:
         return probs  # nothing to propagate: no other image, or no propagation at all
-    return propagate_with(affinity(features.detach().to(dtype)), probs, omega, solver, tol)
+    matrix = affinity(features.detach().to(dtype), affinity_temperature)
+    return propagate_with(matrix, probs, omega, solver, tol)
 
 
 @torch.no_grad()
@@ -181,16 +199,18 @@ def soft_targets(
     temperature: float,
     solver: str = "auto",
     tol: float = DEFAULT_TOL,
+    affinity_temperature: float = 1.0,
 ) -> Tensor:
     """The BAKE soft targets Q [B, C] of one batch; no gradient, float32 or better.
 
     ``solver``: 'solve' (exact), 'neumann' (row-L1 error <= ``tol``, proven in
     :func:`propagate_neumann`) or 'auto' (the cheaper of the two, so also within ``tol``).
+    ``affinity_temperature``: tau of the affinity (1.0 = the paper; see the module doc).
     A batch of one image has no neighbour to ensemble from, so its target is softmax(z/T).
     """
-    _check_hyperparameters(omega, temperature, solver, tol)
+    _check_hyperparameters(omega, temperature, solver, tol, affinity_temperature)
     probs = torch.softmax(logits.detach().to(_ensemble_dtype(logits.dtype)) / temperature, dim=1)
-    return soft_targets_from_probs(features, probs, omega, solver, tol)
+    return soft_targets_from_probs(features, probs, omega, solver, tol, affinity_temperature)
 
 
 def distillation_loss(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
@@ -229,6 +249,7 @@ def global_soft_targets(
     temperature: float,
     solver: str = "auto",
     tol: float = DEFAULT_TOL,
+    affinity_temperature: float = 1.0,
 ) -> Tensor:
     """BAKE targets over the global batch of all workers; returns this worker's rows.
 
@@ -237,15 +258,16 @@ def global_soft_targets(
     every worker), then keeps rows ``rank*B : (rank+1)*B``. Outside ``torch.distributed``
     this is exactly :func:`soft_targets`.
     """
-    _check_hyperparameters(omega, temperature, solver, tol)
+    tau = affinity_temperature
+    _check_hyperparameters(omega, temperature, solver, tol, tau)
     rank, world_size = _distributed_world()
     if world_size == 1:
-        return soft_targets(features, logits, omega, temperature, solver, tol)
+        return soft_targets(features, logits, omega, temperature, solver, tol, tau)
     dtype = _ensemble_dtype(logits.dtype)
     probs = torch.softmax(logits.detach().to(dtype) / temperature, dim=1)
     all_features = gather_batches(features.detach().to(dtype))
     all_probs = gather_batches(probs)
-    targets = soft_targets_from_probs(all_features, all_probs, omega, solver, tol)
+    targets = soft_targets_from_probs(all_features, all_probs, omega, solver, tol, tau)
     batch = logits.shape[0]
     return targets[rank * batch : (rank + 1) * batch]
 
@@ -272,19 +294,29 @@ class BakeLoss(nn.Module):
         global_ensembling: bool = True,
         solver: str = "auto",
         tol: float = DEFAULT_TOL,
+        affinity_temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_hyperparameters(omega, temperature, solver, tol)
+        _check_hyperparameters(omega, temperature, solver, tol, affinity_temperature)
         self.temperature = temperature
         self.omega = omega
         self.loss_weight = loss_weight
         self.global_ensembling = global_ensembling
         self.solver = solver
         self.tol = tol
+        self.affinity_temperature = affinity_temperature
 
     def forward(self, features: Tensor, logits: Tensor, labels: Tensor) -> LossParts:
         ensemble = global_soft_targets if self.global_ensembling else soft_targets
-        targets = ensemble(features, logits, self.omega, self.temperature, self.solver, self.tol)
+        targets = ensemble(
+            features,
+            logits,
+            self.omega,
+            self.temperature,
+            self.solver,
+            self.tol,
+            self.affinity_temperature,
+        )
         ce = F.cross_entropy(logits.float(), labels)
         kd = distillation_loss(logits, targets, self.temperature)
         return LossParts(ce + self.loss_weight * kd, ce, kd)
@@ -311,12 +343,15 @@ def build_loss(
     label_smoothing: float = 0.1,
     solver: str = "auto",
     tol: float = DEFAULT_TOL,
+    affinity_temperature: float = 1.0,
 ) -> nn.Module:
     """The loss for ``method`` in {'bake', 'ce', 'label_smoothing'}; one interface for all."""
     if method == "bake":
-        return BakeLoss(temperature, omega, loss_weight, global_ensembling, solver, tol)
+        return BakeLoss(
+            temperature, omega, loss_weight, global_ensembling, solver, tol, affinity_temperature
+        )
     if method == "ce":
         return CrossEntropyBaseline()
     if method == "label_smoothing":
         return CrossEntropyBaseline(label_smoothing)
-    raise ValueError(f"unknown method {method!r}; one of bake, ce, label_smoothing")
+    raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")

@@ -1,34 +1,45 @@
 """One typed configuration for a bake-ray run: the schema, YAML loading, overrides, validation.
 
-The dataclasses below *are* the schema: YAML files and ``--set a.b=value`` overrides are
-checked against them field by field, unknown keys are rejected, and every invariant is
-checked in :func:`validate` so a bad value fails in one line before any compute starts.
-YAML is read with ``yaml.safe_load`` only: nothing in a config can import or run code.
+The pydantic dataclasses below *are* the schema: types, ranges (``Field``) and cross-field
+rules (``model_validator``) live on the fields, YAML files and ``--set a.b=value``
+overrides are checked against them, unknown keys are rejected, and the first problem is
+reported as one line naming the key (:mod:`bake_ray.schema`) before any compute starts.
+They stay ``dataclasses`` (``replace``, ``asdict``, ``fields`` work; ``replace`` and
+attribute assignment re-validate). Names come from :mod:`bake_ray.registry`. YAML is read
+with a safe loader only: nothing in a config can import or run code.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
-import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
 from bake_ray import registry
 from bake_ray.errors import ConfigError  # defined there, imported from here by most modules
+from bake_ray.schema import SCHEMA, Bool, Float, Int, Str, validated
 
-METHODS = ("bake", "ce", "label_smoothing")
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+METHODS = registry.METHODS
+DATASETS = registry.DATASETS
 MODELS = registry.BUILTIN_MODELS  # plus timm/<name> and torchvision/<name>: see registry
 SCHEDULES = ("step", "cosine", "constant")
 SOLVERS = ("auto", "solve", "neumann")  # how BAKE computes its targets (see bake.py)
+
+#: Short names of BAKE's hyperparameters (config path -> alias): MLflow params, tables.
+BAKE_ALIASES = {
+    "bake.temperature": "T",
+    "bake.omega": "omega",
+    "bake.loss_weight": "lambda",
+    "bake.affinity_temperature": "tau",
+}
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -54,21 +65,41 @@ def safe_load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_SafeLoader)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class DataConfig:
     """Where the images come from and how batches are formed."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    val_fraction: float = 0.1
-    batch_size: int = 64
-    same_class: int = 1
-    loader_workers: int = 0
-    train_subset: int | None = None
+    dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+    data_dir: Str | None = None
+    download: Bool = False
+    val_fraction: Annotated[Float, Field(gt=0, le=0.5)] = 0.1
+    batch_size: Annotated[Int, Field(ge=2)] = 64
+    same_class: Annotated[Int, Field(ge=0)] = 1
+    loader_workers: Annotated[Int, Field(ge=0)] = 0
+    train_subset: Int | None = None
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> DataConfig:
+        """Each anchor is followed by ``same_class`` images of its class: whole groups only."""
+        group = self.same_class + 1
+        _require(
+            self.batch_size % group == 0,
+            f"data.batch_size: {self.batch_size} must be divisible by data.same_class + 1 "
+            f"= {group} (each anchor is followed by {self.same_class} same-class images)",
+        )
+        _require(
+            self.train_subset is None or self.train_subset >= 2 * self.batch_size,
+            f"data.train_subset: must be >= 2 * data.batch_size = {2 * self.batch_size}, "
+            f"got {self.train_subset}",
+        )
+        _require(
+            self.dataset != "imagefolder" or self.data_dir is not None,
+            "data.data_dir: required for data.dataset=imagefolder (a folder with train/ and val/)",
+        )
+        return self
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class ModelConfig:
     """Which architecture and its starting weights; every model returns (features, logits).
 
@@ -78,125 +109,148 @@ class ModelConfig:
     ``pretrained``: the library's own weights, via its own download and cache.
     """
 
-    name: str = "small_cnn"
-    weights: str | None = None
-    pretrained: bool = False
+    name: Str = "small_cnn"
+    weights: Str | None = None
+    pretrained: Bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        registry.check_model_name(name)  # library names are probed once, then cached
+        return name
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> ModelConfig:
+        _require(
+            not (self.pretrained and self.weights),
+            "model.pretrained: set either model.pretrained or model.weights, not both",
+        )
+        _require(
+            not self.pretrained or registry.split_name(self.name)[0] is not None,
+            f"model.pretrained: the built-in {self.name} has no pretrained weights; use "
+            "model.weights with a local file, or a timm/<name> or torchvision/<name> model",
+        )
+        _require(self.weights is None or bool(self.weights.strip()), "model.weights: empty path")
+        return self
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class BakeConfig:
-    """BAKE's hyperparameters (paper defaults T=4, omega=0.5, lambda=1)."""
+    """BAKE's hyperparameters (paper defaults T=4, omega=0.5, lambda=1).
 
-    temperature: float = 4.0
-    omega: float = 0.5
-    loss_weight: float = 1.0
-    global_ensembling: bool = True
-    label_smoothing: float = 0.1
-    solver: str = "auto"  # auto: the cheaper of solve/neumann, within tol of the closed form
-    tol: float = 1e-6  # max row-L1 distance of neumann's targets from the closed form
+    ``affinity_temperature`` (tau) goes BEYOND the paper: the affinity is
+    softmax_{j != i}(cos(f_i, f_j) / tau). The default 1.0 is the paper exactly; cosines of
+    post-ReLU features lie in [0, 1], so at tau=1 the affinity is close to uniform, and a
+    smaller tau concentrates it on the nearest neighbours.
+    """
+
+    temperature: Annotated[Float, Field(gt=0)] = 4.0
+    omega: Annotated[Float, Field(ge=0, lt=1)] = 0.5
+    loss_weight: Annotated[Float, Field(ge=0)] = 1.0
+    global_ensembling: Bool = True
+    label_smoothing: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    solver: Literal[SOLVERS] = "auto"  # type: ignore[valid-type]  # auto: the cheaper one
+    tol: Annotated[Float, Field(gt=0, lt=1)] = 1e-6  # neumann's max row-L1 error
+    affinity_temperature: Annotated[Float, Field(gt=0)] = 1.0  # tau; 1.0 = the paper
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class OptimConfig:
-    """SGD and its learning-rate schedule."""
+    """SGD and its learning-rate schedule.
 
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "step"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
-    warmup_epochs: int = 0
+    ``decay_all_params``: weight decay on every parameter, as the official BAKE code does;
+    off (the default), BatchNorm parameters and biases get none. ``warmup_start_factor``:
+    the linear warm-up starts at this fraction of ``lr`` (pycls, the official ImageNet code:
+    0.1); 0 (the default) ramps up from 0.
+    """
+
+    lr: Annotated[Float, Field(gt=0)] = 0.05
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[Float, Field(ge=0)] = 5e-4
+    nesterov: Bool = False
+    schedule: Literal[SCHEDULES] = "step"  # type: ignore[valid-type]
+    milestones: list[Float] = dataclasses.field(default_factory=lambda: [0.5, 0.75])
+    gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1
+    warmup_epochs: Annotated[Int, Field(ge=0)] = 0
     # Epochs the schedule is laid out over (0 = epochs). Set by `train --resume
     # --extend-schedule` so a longer run keeps the finished schedule, then its final lr.
-    schedule_epochs: int = 0
+    schedule_epochs: Annotated[Int, Field(ge=0)] = 0
+    decay_all_params: Bool = False
+    warmup_start_factor: Annotated[Float, Field(ge=0, le=1)] = 0.0
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: list[float]) -> list[float]:
+        _require(
+            all(0 < m < 1 for m in milestones) and milestones == sorted(milestones),
+            "optim.milestones: must be increasing fractions of the epochs in (0, 1), "
+            f"got {milestones}",
+        )
+        return milestones
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimConfig:
+        _require(
+            not self.nesterov or self.momentum > 0, "optim.nesterov: requires optim.momentum > 0"
+        )
+        return self
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class RuntimeConfig:
     """Where and how the run executes; does not change the maths."""
 
-    workers: int = 0
-    gpu: bool = False
-    amp: bool = True
-    sync_bn: bool = False  # batch-norm statistics over all workers (the paper's ImageNet recipe)
-    channels_last: bool | None = None  # NHWC memory format; None = on for CNNs, off for ViTs
-    output_dir: str = "runs"
-    run_name: str | None = None
-    log_every: int = 0  # read progress every N steps (a host sync each); 0: once per epoch
+    workers: Annotated[Int, Field(ge=0)] = 0
+    gpu: Bool = False
+    amp: Bool = True
+    sync_bn: Bool = False  # batch-norm statistics over all workers (the paper's ImageNet recipe)
+    channels_last: Bool | None = None  # NHWC memory format; None = on for CNNs, off for ViTs
+    output_dir: Annotated[Str, Field(min_length=1)] = "runs"
+    run_name: Str | None = None
+    log_every: Annotated[Int, Field(ge=0)] = 0  # read progress every N steps; 0: per epoch
+
+    @model_validator(mode="after")
+    def _sync_bn_on_gpus(self) -> RuntimeConfig:
+        _require(
+            not self.sync_bn or self.gpu,
+            "runtime.sync_bn: SyncBatchNorm runs on GPUs only; set runtime.gpu=true or "
+            "sync_bn=false",
+        )
+        return self
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class Config:
     """A complete, resolved bake-ray training run."""
 
-    seed: int = 0
-    method: str = "bake"
-    epochs: int = 15
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    bake: BakeConfig = field(default_factory=BakeConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seed: Annotated[Int, Field(ge=0)] = 0
+    method: Literal[METHODS] = "bake"  # type: ignore[valid-type]
+    epochs: Annotated[Int, Field(ge=1)] = 15
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    bake: BakeConfig = dataclasses.field(default_factory=BakeConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Config:
+        warmup = self.optim.warmup_epochs
+        _require(
+            warmup < self.epochs,
+            f"optim.warmup_epochs: must be in [0, epochs={self.epochs}), got {warmup}",
+        )
+        return self
 
 
-# --------------------------------------------------------------------------- building
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; allow only lossless conversions."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if tp is float and _is_number(value):
-        return float(value)
-    if type(value) is tp and tp in (bool, int, str):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"{full}: unknown key; allowed: {', '.join(sorted(names))}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.")
-        else:
-            kwargs[key] = _coerce(full, value, tp)
-    return cls(**kwargs)
+def _require(ok: bool, message: str) -> None:
+    """A cross-field rule: its message names every key involved (kept verbatim)."""
+    if not ok:
+        raise ConfigError(message)
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from nested plain data."""
-    config = _build(Config, values)
-    validate(config)
-    return config
+    """Build and validate a :class:`Config` from nested plain data (one-line errors)."""
+    return validated(Config, values)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -291,122 +345,3 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 def save(config: Config, path: str | Path) -> None:
     """Write the resolved config so any run can be reproduced with ``--config``."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _finite(key: str, value: float) -> None:
-    _require(math.isfinite(value), f"{key}: must be a finite number, got {value}")
-
-
-def _validate_bake(cfg: BakeConfig) -> None:
-    for name in ("temperature", "omega", "loss_weight", "label_smoothing"):
-        _finite(f"bake.{name}", getattr(cfg, name))
-    _require(cfg.temperature > 0, f"bake.temperature: must be > 0, got {cfg.temperature}")
-    _require(0 <= cfg.omega < 1, f"bake.omega: must be in [0, 1), got {cfg.omega}")
-    _require(cfg.loss_weight >= 0, f"bake.loss_weight: must be >= 0, got {cfg.loss_weight}")
-    _require(
-        0 <= cfg.label_smoothing < 1,
-        f"bake.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}",
-    )
-    _require(cfg.solver in SOLVERS, f"bake.solver: unknown {cfg.solver!r}; one of {SOLVERS}")
-    _finite("bake.tol", cfg.tol)
-    _require(0 < cfg.tol < 1, f"bake.tol: must be in (0, 1), got {cfg.tol}")
-
-
-def _validate_model(cfg: ModelConfig) -> None:
-    registry.check_model_name(cfg.name)
-    _require(
-        not (cfg.pretrained and cfg.weights),
-        "model.pretrained: set either model.pretrained or model.weights, not both",
-    )
-    _require(
-        not cfg.pretrained or registry.split_name(cfg.name)[0] is not None,
-        f"model.pretrained: the built-in {cfg.name} has no pretrained weights; use "
-        "model.weights with a local file, or a timm/<name> or torchvision/<name> model",
-    )
-    _require(cfg.weights is None or bool(cfg.weights.strip()), "model.weights: empty path")
-
-
-def _validate_data(cfg: DataConfig) -> None:
-    _require(cfg.dataset in DATASETS, f"data.dataset: unknown {cfg.dataset!r}; one of {DATASETS}")
-    _require(cfg.batch_size >= 2, f"data.batch_size: must be >= 2, got {cfg.batch_size}")
-    _require(cfg.same_class >= 0, f"data.same_class: must be >= 0, got {cfg.same_class}")
-    _require(
-        cfg.batch_size % (cfg.same_class + 1) == 0,
-        f"data.batch_size: {cfg.batch_size} must be divisible by data.same_class + 1 "
-        f"= {cfg.same_class + 1} (each anchor is followed by {cfg.same_class} same-class images)",
-    )
-    _require(
-        0 < cfg.val_fraction <= 0.5,
-        f"data.val_fraction: must be in (0, 0.5], got {cfg.val_fraction}",
-    )
-    _require(
-        cfg.loader_workers >= 0, f"data.loader_workers: must be >= 0, got {cfg.loader_workers}"
-    )
-    _require(
-        cfg.train_subset is None or cfg.train_subset >= 2 * cfg.batch_size,
-        f"data.train_subset: must be >= 2 * data.batch_size = {2 * cfg.batch_size}, "
-        f"got {cfg.train_subset}",
-    )
-    _require(
-        cfg.dataset != "imagefolder" or cfg.data_dir is not None,
-        "data.data_dir: required for data.dataset=imagefolder (a folder with train/ and val/)",
-    )
-
-
-def _validate_optim(cfg: OptimConfig, epochs: int) -> None:
-    for name in ("lr", "momentum", "weight_decay", "gamma"):
-        _finite(f"optim.{name}", getattr(cfg, name))
-    _require(cfg.lr > 0, f"optim.lr: must be > 0, got {cfg.lr}")
-    _require(0 <= cfg.momentum < 1, f"optim.momentum: must be in [0, 1), got {cfg.momentum}")
-    _require(cfg.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {cfg.weight_decay}")
-    _require(
-        cfg.schedule in SCHEDULES, f"optim.schedule: unknown {cfg.schedule!r}; one of {SCHEDULES}"
-    )
-    _require(0 < cfg.gamma <= 1, f"optim.gamma: must be in (0, 1], got {cfg.gamma}")
-    _require(
-        all(0 < m < 1 for m in cfg.milestones) and cfg.milestones == sorted(cfg.milestones),
-        "optim.milestones: must be increasing fractions of the epochs in (0, 1), "
-        f"got {cfg.milestones}",
-    )
-    _require(
-        cfg.schedule_epochs >= 0,
-        f"optim.schedule_epochs: must be >= 0 (0 = epochs), got {cfg.schedule_epochs}",
-    )
-    _require(
-        0 <= cfg.warmup_epochs < epochs,
-        f"optim.warmup_epochs: must be in [0, epochs={epochs}), got {cfg.warmup_epochs}",
-    )
-    _require(
-        not cfg.nesterov or cfg.momentum > 0,
-        "optim.nesterov: requires optim.momentum > 0",
-    )
-
-
-def _validate_runtime(cfg: RuntimeConfig) -> None:
-    _require(cfg.workers >= 0, f"runtime.workers: must be >= 0, got {cfg.workers}")
-    _require(bool(cfg.output_dir), "runtime.output_dir: must not be empty")
-    _require(cfg.log_every >= 0, f"runtime.log_every: must be >= 0, got {cfg.log_every}")
-    _require(
-        not cfg.sync_bn or cfg.gpu,
-        "runtime.sync_bn: SyncBatchNorm runs on GPUs only; set runtime.gpu=true or sync_bn=false",
-    )
-
-
-def validate(config: Config) -> None:
-    """Check every invariant; raise a one-line :class:`ConfigError` naming the first bad key."""
-    _require(config.method in METHODS, f"method: unknown {config.method!r}; one of {METHODS}")
-    _require(config.epochs >= 1, f"epochs: must be >= 1, got {config.epochs}")
-    _require(config.seed >= 0, f"seed: must be >= 0, got {config.seed}")
-    _validate_model(config.model)
-    _validate_bake(config.bake)
-    _validate_data(config.data)
-    _validate_optim(config.optim, config.epochs)
-    _validate_runtime(config.runtime)

@@ -489,6 +489,7 @@ def build_state(
         b.label_smoothing,
         b.solver,
         b.tol,
+        b.affinity_temperature,
     )
     return RunState(model, optimizer, scheduler, scaler, loss_fn)
 

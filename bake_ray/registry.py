@@ -1,4 +1,7 @@
-"""The one model registry: which ``model.name`` values exist and whether they can serve BAKE.
+"""The one registry of names: datasets, methods and models, and whether a model can serve BAKE.
+
+:data:`DATASETS` and :data:`METHODS` are the only lists of those names: the config schema
+derives its ``Literal`` types from them. Models are richer (below).
 
 Three families of names:
 
@@ -8,8 +11,9 @@ Three families of names:
 - ``torchvision/<name>``: any torchvision classification model
   (``torchvision.models.list_models(module=torchvision.models)``).
 
-The config schema (:func:`bake_ray.config.validate`), the search-space checks (a ``choice``
-over model names is validated value by value through the same function) and
+The config schema (``model.name``'s validator in :mod:`bake_ray.config`), the search-space
+checks (a ``choice`` over model names is validated value by value through the same
+function) and
 :func:`bake_ray.models.build_model` all ask :func:`check_model_name`, so a name is judged
 the same way everywhere and a bad one fails in one line before anything starts.
 
@@ -27,6 +31,8 @@ import functools
 
 from bake_ray.errors import ConfigError
 
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+METHODS = ("bake", "ce", "label_smoothing")
 BUILTIN_MODELS = ("small_cnn", "cifar_resnet18", "resnet18", "resnet50")
 LIBRARIES = ("timm", "torchvision")
 _SUGGESTIONS = 4

@@ -24,20 +24,25 @@ Example (``search_spaces/default.yaml``)::
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from bake_ray import config as cfg
+from bake_ray import schema
 from bake_ray.config import Config, ConfigError
+from bake_ray.schema import SCHEMA, Bool, Float, Int, Str
 
 _ENUMERATE_INT_RANGE = 64  # int ranges up to this width are checked value by value
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 METRICS = ("val_acc", "best_val_acc")
 SCHEDULERS = ("asha", "none")
+_SPACE_STYLE = schema.Style(unknown_choice="", show_got=False)  # the search file's wording
 SPACE_SECTIONS = (
     "name",
     "base_config",
@@ -79,26 +84,41 @@ class Dimension:
         return (self.low, self.high)
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class Budget:
     """How much search: trials, concurrency and the resources of one trial."""
 
-    num_samples: int = 12
-    max_concurrent: int = 0  # 0 = as many as the cluster fits
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    max_failures: int = 1
-    always_use_worker_group: bool = False  # Ray's documented pattern, even for one worker
+    num_samples: Annotated[Int, Field(ge=1)] = 12
+    max_concurrent: Annotated[Int, Field(ge=0)] = 0  # 0 = as many as the cluster fits
+    workers_per_trial: Annotated[Int, Field(ge=1)] = 1
+    cpus_per_worker: Annotated[Float, Field(gt=0)] = 1.0
+    gpus_per_worker: Annotated[Float, Field(ge=0)] = 0.0
+    max_failures: Annotated[Int, Field(ge=0)] = 1
+    always_use_worker_group: Bool = False  # Ray's documented pattern, even for one worker
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SCHEMA)
 class Scheduler:
     """Early stopping of weak trials (ASHA over epochs), or none."""
 
-    type: str = "asha"
-    grace_period: int = 2
-    reduction_factor: int = 2
+    type: Literal[SCHEDULERS] = "asha"  # type: ignore[valid-type]
+    grace_period: Int = 2  # in [1, epochs]: checked against the base config in parse()
+    reduction_factor: Annotated[Int, Field(ge=2)] = 2
+
+
+@pydantic_dataclass(frozen=True, config=SCHEMA)
+class Objective:
+    """What a trial is judged by: a validation accuracy, maximised."""
+
+    metric: Literal[METRICS] = "val_acc"  # type: ignore[valid-type]
+    mode: Str = "max"
+
+    @field_validator("mode")
+    @classmethod
+    def _maximised(cls, mode: str) -> str:
+        if mode != "max":
+            raise ConfigError(f"objective.mode: accuracy is maximised; got {mode!r}")
+        return mode
 
 
 @dataclass(frozen=True)
@@ -172,73 +192,28 @@ def _parse_dimension(key: str, spec: Any, leaves: dict[str, Any]) -> Dimension:
 
 
 def _check_known_ranges(dim: Dimension) -> None:
-    """Ranges the BAKE maths cannot accept, reported against the space rather than a trial."""
-    if dim.key == "bake.omega" and any(not 0 <= v < 1 for v in dim.corners()):
-        raise ConfigError(f"space.bake.omega: values must lie in [0, 1), got {list(dim.corners())}")
-    if dim.key == "bake.temperature" and any(v <= 0 for v in dim.corners()):
-        raise ConfigError(f"space.bake.temperature: values must be > 0, got {list(dim.corners())}")
+    """A range the config schema forbids (omega reaching 1, T at 0, ...), reported against
+    the space rather than a trial; the limits are read from the schema's own fields."""
+    limits = schema.bounds(schema.field_info(Config, dim.key.split("."))[1])
+    numbers = [v for v in dim.corners() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if limits and any(not schema.in_range(v, limits) for v in numbers):
+        text = schema.range_text(limits)
+        verb = "lie" if text.startswith("in ") else "be"
+        raise ConfigError(f"space.{dim.key}: values must {verb} {text}, got {list(dim.corners())}")
 
 
-def _dataclass_from(cls: type, values: Any, section: str) -> Any:
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{section}: expected a mapping")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"{section}.{key}: unknown key; allowed: {', '.join(sorted(names))}")
-    defaults = cls()
-    for key, value in values.items():
-        expected = type(getattr(defaults, key))
-        ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
-        if not ok or isinstance(value, bool) != (expected is bool):
-            raise ConfigError(f"{section}.{key}: expected {expected.__name__}, got {value!r}")
-    return cls(**values)
-
-
-def _parse_budget(values: Any) -> Budget:
-    budget = _dataclass_from(Budget, values, "budget")
-    checks = [
-        (budget.num_samples >= 1, "budget.num_samples: must be >= 1"),
-        (budget.max_concurrent >= 0, "budget.max_concurrent: must be >= 0 (0 = fill the cluster)"),
-        (budget.workers_per_trial >= 1, "budget.workers_per_trial: must be >= 1"),
-        (budget.cpus_per_worker > 0, "budget.cpus_per_worker: must be > 0"),
-        (budget.gpus_per_worker >= 0, "budget.gpus_per_worker: must be >= 0"),
-        (budget.max_failures >= 0, "budget.max_failures: must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    return budget
+def _section(cls: type, values: Any, name: str) -> Any:
+    """A search file's section built by its schema; a missing section is all defaults."""
+    return schema.validated(cls, {} if values is None else values, f"{name}.", _SPACE_STYLE)
 
 
 def _parse_scheduler(values: Any, epochs: int) -> Scheduler:
-    sched = _dataclass_from(Scheduler, values, "scheduler")
-    if sched.type not in SCHEDULERS:
-        raise ConfigError(f"scheduler.type: {sched.type!r}; one of {SCHEDULERS}")
+    sched = _section(Scheduler, values, "scheduler")
     if sched.type == "asha" and not 1 <= sched.grace_period <= epochs:
         raise ConfigError(
             f"scheduler.grace_period: must be in [1, epochs={epochs}], got {sched.grace_period}"
         )
-    if sched.reduction_factor < 2:
-        raise ConfigError(f"scheduler.reduction_factor: must be >= 2, got {sched.reduction_factor}")
     return sched
-
-
-def _parse_objective(values: Any) -> tuple[str, str]:
-    values = values or {}
-    if not isinstance(values, dict):
-        raise ConfigError("objective: expected a mapping with metric and mode")
-    unknown = sorted(set(values) - {"metric", "mode"})
-    if unknown:
-        raise ConfigError(f"objective.{unknown[0]}: unknown key; allowed: metric, mode")
-    metric, mode = values.get("metric", "val_acc"), values.get("mode", "max")
-    if metric not in METRICS:
-        raise ConfigError(f"objective.metric: {metric!r}; one of {METRICS}")
-    if mode != "max":
-        raise ConfigError(f"objective.mode: accuracy is maximised; got {mode!r}")
-    return metric, mode
 
 
 # --------------------------------------------------------------------------- building trials
@@ -354,7 +329,7 @@ def parse(
     dims = tuple(_parse_dimension(k, v, leaves) for k, v in space_raw.items())
     for dim in dims:
         _check_known_ranges(dim)
-    metric, mode = _parse_objective(raw.get("objective"))
+    objective = _section(Objective, raw.get("objective"), "objective")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed: expected an int >= 0, got {seed!r}")
@@ -367,9 +342,9 @@ def parse(
         base=base,
         dimensions=dims,
         initial_points=_check_initial_points(raw.get("initial_points"), dims),
-        metric=metric,
-        mode=mode,
-        budget=_parse_budget(raw.get("budget")),
+        metric=objective.metric,
+        mode=objective.mode,
+        budget=_section(Budget, raw.get("budget"), "budget"),
         scheduler=_parse_scheduler(raw.get("scheduler"), base.epochs),
         seed=seed,
         raw=raw,
