@@ -92,10 +92,18 @@ class RunState:
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: OptimConfig) -> float:
-    """Multiplier of the base LR at an optimizer step: linear warm-up, then step/cosine."""
+    """Multiplier of the base LR at an optimizer step: linear warm-up, then step/cosine.
+
+    The warm-up rises linearly from ``warmup_start_factor`` (s) to 1. With s > 0 (pycls,
+    the official ImageNet code, uses 0.1) the first step takes exactly s * lr; with s = 0
+    the ramp is shifted by one step, so the first step takes 1/(warm-up steps) of lr
+    rather than a wasted step at lr 0.
+    """
     progress_epochs = step / steps_per_epoch
     if cfg.warmup_epochs and progress_epochs < cfg.warmup_epochs:
-        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+        start = cfg.warmup_start_factor
+        ramp = (step + (start == 0.0)) / (cfg.warmup_epochs * steps_per_epoch)
+        return start + (1.0 - start) * ramp
     if cfg.schedule == "step":
         passed = sum(progress_epochs >= m * epochs for m in cfg.milestones)
         return cfg.gamma**passed
@@ -107,9 +115,10 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: OptimConfig) ->
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """Fused SGD with weight decay on weights only (not on BN parameters or biases)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """Fused SGD with weight decay on weights only (not on BN parameters or biases), or on
+    every parameter with ``optim.decay_all_params`` (what the official BAKE code does)."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or cfg.decay_all_params]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not cfg.decay_all_params]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

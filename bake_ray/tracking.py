@@ -37,6 +37,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from bake_ray.config import BAKE_ALIASES  # short param names: T, omega, lambda, tau
+
 if TYPE_CHECKING:
     import optuna
 
@@ -71,8 +73,6 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_ERROR_CHARS = 4000
 
-# Short, easy-to-find names for BAKE's three hyperparameters (config path -> alias).
-BAKE_ALIASES = {"bake.temperature": "T", "bake.omega": "omega", "bake.loss_weight": "lambda"}
 
 # Keys Ray Tune adds to every result that say nothing about the model.
 NOISE_KEYS = frozenset({

@@ -365,9 +365,7 @@ def _started(metrics: dict[str, Any]) -> float:
 
 
 def _short(key: str) -> str:
-    return {"bake.temperature": "T", "bake.omega": "omega", "bake.loss_weight": "lambda"}.get(
-        key, key.split(".")[-1]
-    )
+    return cfg.BAKE_ALIASES.get(key, key.split(".")[-1])
 
 
 def format_table(rows: list[TrialRow]) -> str:

@@ -41,23 +41,28 @@ def numpy_softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def numpy_affinity(features: np.ndarray) -> np.ndarray:
-    """Element by element: A_ij = exp(cos_ij) / sum_{k != i} exp(cos_ik), A_ii = 0."""
+def numpy_affinity(features: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    """Element by element: A_ij = exp(cos_ij/tau) / sum_{k != i} exp(cos_ik/tau), A_ii = 0.
+
+    tau = 1 is the paper's affinity; the largest cosine is subtracted in each row first
+    (which leaves the ratio unchanged) so a small tau cannot overflow exp.
+    """
     b = features.shape[0]
     norms = np.sqrt((features**2).sum(axis=1))
     a = np.zeros((b, b))
     for i in range(b):
         cos = [features[i] @ features[j] / (norms[i] * norms[j]) for j in range(b)]
-        denom = sum(np.exp(cos[k]) for k in range(b) if k != i)
+        top = max(cos[k] for k in range(b) if k != i) if tau != 1.0 else 0.0
+        denom = sum(np.exp((cos[k] - top) / tau) for k in range(b) if k != i)
         for j in range(b):
-            a[i, j] = 0.0 if i == j else np.exp(cos[j]) / denom
+            a[i, j] = 0.0 if i == j else np.exp((cos[j] - top) / tau) / denom
     return a
 
 
-def numpy_targets_by_iteration(features, logits, omega, temperature, steps=2000):
+def numpy_targets_by_iteration(features, logits, omega, temperature, steps=2000, tau=1.0):
     """Q as the fixed point of Q <- omega A Q + (1 - omega) P (no matrix inverse involved)."""
     p = numpy_softmax(logits / temperature)
-    a = numpy_affinity(features)
+    a = numpy_affinity(features, tau)
     q = p.copy()
     for _ in range(steps):
         q = omega * a @ q + (1 - omega) * p
@@ -220,6 +225,89 @@ def test_invalid_solver_or_tolerance_rejected(solver, tol):
         soft_targets(torch.randn(4, 3), torch.randn(4, 2), 0.5, 4.0, solver=solver, tol=tol)
 
 
+# ------------------------------------------------------------------ affinity temperature (tau)
+# bake.affinity_temperature goes beyond the paper; tau = 1 must be the paper exactly.
+
+
+@pytest.mark.parametrize("solver", ["solve", "neumann", "auto"])
+@pytest.mark.parametrize(("b", "omega", "tau"), [(16, 0.5, 0.1), (40, 0.9, 0.5), (12, 0.7, 3.0)])
+def test_tau_targets_match_float64_reference(solver, b, omega, tau):
+    """Every solver with tau != 1 against the float64 fixed point of the tau-affinity."""
+    features, logits = random_batch(b, 12, 7, seed=100 + b)
+    expected = numpy_targets_by_iteration(features, logits, omega, 4.0, tau=tau)
+    tol = 1e-9
+    got = soft_targets(
+        torch.from_numpy(features), torch.from_numpy(logits), omega, 4.0, solver, tol, tau
+    ).numpy()
+    assert max_row_l1(got - expected) <= tol + 1e-12
+    paper = numpy_targets_by_iteration(features, logits, omega, 4.0)
+    assert max_row_l1(got - paper) > 1e-4  # tau really changed the targets
+
+
+def test_tau_affinity_matches_float64_reference():
+    features, _ = random_batch(10, 6, 2, seed=11)
+    for tau in (0.05, 0.3, 1.0, 7.0):
+        got = affinity(torch.from_numpy(features), tau).numpy()
+        np.testing.assert_allclose(got, numpy_affinity(features, tau), rtol=0, atol=1e-13)
+
+
+def test_tau_one_is_the_paper_exactly():
+    """The default and an explicit tau=1.0 give the stored paper reference, bit for bit."""
+    ref = json.loads(FIXTURE.read_text())
+    features = torch.tensor(ref["features"], dtype=torch.float64)
+    logits = torch.tensor(ref["logits"], dtype=torch.float64)
+    default = soft_targets(features, logits, ref["omega"], ref["temperature"])
+    explicit = soft_targets(
+        features, logits, ref["omega"], ref["temperature"], affinity_temperature=1.0
+    )
+    assert torch.equal(default, explicit)
+    assert torch.equal(affinity(features), affinity(features, 1.0))
+    np.testing.assert_allclose(explicit.numpy(), np.array(ref["targets"]), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(3, 24), seed=st.integers(0, 10_000))
+def test_small_tau_concentrates_the_affinity_on_the_nearest_neighbour(b, seed):
+    """As tau falls, each row's mass on its most similar other image rises towards 1; it
+    never falls below the bound 1 / (1 + (B - 2) exp(-gap / tau)) of the softmax."""
+    features, _ = random_batch(b, 5, 2, seed)
+    f = torch.from_numpy(features)
+    normed = torch.nn.functional.normalize(f, dim=1)
+    cosine = (normed @ normed.t()).fill_diagonal_(-np.inf)
+    nearest = cosine.argmax(dim=1)
+    top2 = cosine.topk(2, dim=1).values
+    gap = (top2[:, 0] - top2[:, 1]).numpy()
+    rows = torch.arange(b)
+    previous = np.zeros(b)
+    for tau in (10.0, 1.0, 0.3, 0.1, 0.03, 0.01):
+        mass = affinity(f, tau)[rows, nearest].numpy()
+        assert (mass >= previous - 1e-12).all()  # monotone in tau
+        bound = 1.0 / (1.0 + (b - 2) * np.exp(-gap / tau))
+        assert (mass >= bound - 1e-12).all()
+        previous = mass
+    uniform = 1.0 / (b - 1)
+    np.testing.assert_allclose(affinity(f, 1e6)[rows, nearest].numpy(), uniform, atol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
+def test_invalid_tau_rejected_naming_the_key(tau):
+    with pytest.raises(ValueError, match=r"^bake\.affinity_temperature: must be"):
+        soft_targets(torch.randn(4, 3), torch.randn(4, 2), 0.5, 4.0, affinity_temperature=tau)
+
+
+def test_bake_loss_and_config_carry_tau():
+    from bake_ray import config as cfg
+
+    config = cfg.load(overrides=["bake.affinity_temperature=0.1"])
+    assert config.bake.affinity_temperature == 0.1 and cfg.load().bake.affinity_temperature == 1.0
+    b = config.bake
+    loss = build_loss("bake", b.temperature, b.omega, affinity_temperature=0.1)
+    features, logits, labels = torch.randn(8, 6), torch.randn(8, 4), torch.randint(0, 4, (8,))
+    expected = distillation_loss(logits, soft_targets(features, logits, 0.5, 4.0, "auto",
+                                                      1e-6, 0.1), 4.0)  # fmt: skip
+    torch.testing.assert_close(loss(features, logits, labels).kd, expected)
+
+
 # ------------------------------------------------------------------ properties
 
 
@@ -327,8 +415,10 @@ def _worker(rank: int, world: int, port: int, features, logits, out_dir: str) ->
         q = global_soft_targets(features[mine], logits[mine], 0.6, 3.0)
         neumann = global_soft_targets(features[mine], logits[mine], 0.6, 3.0, "neumann", 1e-3)
         local_only = soft_targets(features[mine], logits[mine], 0.6, 3.0)
+        tau = global_soft_targets(features[mine], logits[mine], 0.6, 3.0, "solve", 1e-6, 0.2)
         torch.save(
-            {"global": q, "neumann": neumann, "local": local_only}, Path(out_dir) / f"rank{rank}.pt"
+            {"global": q, "neumann": neumann, "local": local_only, "tau": tau},
+            Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
@@ -346,6 +436,11 @@ def test_two_workers_equal_single_process_on_concatenated_batch(tmp_path):
     global_neumann = torch.cat([p["neumann"] for p in parts])
     torch.testing.assert_close(global_neumann, single_neumann, rtol=0, atol=1e-6)
     assert (global_neumann - single).abs().sum(dim=1).max() <= 1e-3
+    # tau (bake.affinity_temperature) enters the global affinity too.
+    single_tau = soft_targets(features, logits, 0.6, 3.0, "solve", 1e-6, 0.2)
+    global_tau = torch.cat([p["tau"] for p in parts])
+    torch.testing.assert_close(global_tau, single_tau, rtol=0, atol=1e-6)
+    assert (global_tau - single).abs().max() > 1e-3
     # And the global batch really changes the targets compared to per-worker ensembling.
     local = torch.cat([p["local"] for p in parts])
     assert (local - single).abs().max() > 1e-3

@@ -133,3 +133,73 @@ def test_a_missing_system_package_skips_locally_but_fails_in_ci(tmp_path):
     ci = run("true")
     assert ci.returncode == 1 and "1 failed, 1 skipped" in ci.stdout, ci.stdout
     assert "CI is true, so this skip fails the run: system package missing: chromium" in ci.stdout
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_affinity_temperature_is_a_ranged_field_with_a_short_param_name():
+    """tau: beyond the paper, default 1.0 (the paper exactly), > 0, logged as ``tau``."""
+    from bake_ray.tracking import config_params
+
+    assert Config().bake.affinity_temperature == 1.0
+    assert cfg.load(overrides=["bake.affinity_temperature=0.1"]).bake.affinity_temperature == 0.1
+    for bad in ("0", "-0.5", ".inf"):
+        with pytest.raises(ConfigError, match=r"^bake\.affinity_temperature: must be"):
+            cfg.load(overrides=[f"bake.affinity_temperature={bad}"])
+    params = config_params(cfg.to_dict(Config()))
+    assert params["tau"] == "1.0" and "bake.affinity_temperature" not in params
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.warmup_start_factor=1.5",
+         r"^optim\.warmup_start_factor: must be in \[0, 1\], got 1\.5$"),
+        ("optim.decay_all_params=1", r"^optim\.decay_all_params: expected bool, got 1$"),
+        ("epochs=true", r"^epochs: expected int, got True$"),
+        ("epochs='3'", r"^epochs: expected int, got '3'$"),
+        ("bake.omega=true", r"^bake\.omega: expected float, got True$"),
+        ("optim.milestones=0.5", r"^optim\.milestones: expected a list, got 0\.5$"),
+        ("optim.milestones=[0.5, x]", r"^optim\.milestones\[1\]: expected float, got 'x'$"),
+        ("runtime.output_dir=''", r"^runtime\.output_dir: must not be empty$"),
+        ("data.train_subset=10", r"^data\.train_subset: must be >= 2 \* data\.batch_size = 128"),
+        ("model.weights=' '", r"^model\.weights: empty path$"),
+        ("model.pretrained=true", r"^model\.pretrained: the built-in small_cnn has no pretrained"),
+        ("optim.momentum=0", None),  # valid alone...
+    ],
+)  # fmt: skip
+def test_schema_errors_name_the_key_the_range_and_the_value(override, message):
+    if message is None:
+        assert cfg.load(overrides=[override]).optim.momentum == 0.0
+        with pytest.raises(ConfigError, match=r"^optim\.nesterov: requires optim\.momentum > 0$"):
+            cfg.load(overrides=[override, "optim.nesterov=true"])  # ...but not with nesterov
+        return
+    with pytest.raises(ConfigError, match=message):
+        cfg.load(overrides=[override])
+
+
+def test_names_come_from_one_registry():
+    """Datasets, methods and built-in models are listed once, in bake_ray.registry."""
+    import typing
+
+    from bake_ray import registry
+
+    assert cfg.DATASETS is registry.DATASETS and cfg.METHODS is registry.METHODS
+    assert cfg.MODELS is registry.BUILTIN_MODELS
+    hints = typing.get_type_hints(cfg.DataConfig)
+    assert typing.get_args(hints["dataset"]) == registry.DATASETS
+    assert typing.get_args(typing.get_type_hints(Config)["method"]) == registry.METHODS
+
+
+def test_replace_and_assignment_revalidate():
+    """Configs stay dataclasses (``dataclasses.replace`` works) and stay valid when changed."""
+    import dataclasses
+
+    c = Config()
+    assert dataclasses.replace(c.bake, omega=0.7).omega == 0.7
+    with pytest.raises(ValueError):
+        dataclasses.replace(c.bake, omega=1.0)
+    with pytest.raises(ValueError):
+        c.bake.omega = 2.0
+    assert c.bake.omega == 0.5

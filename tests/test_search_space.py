@@ -128,6 +128,7 @@ def test_cifar100_space_is_the_papers_recipe() -> None:
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.1, 0.9, 1e-4)
     assert (c.optim.schedule, c.optim.milestones, c.optim.gamma) == ("step", [0.5, 0.75], 0.1)
     assert not c.optim.nesterov and c.optim.warmup_epochs == 0
+    assert c.optim.decay_all_params  # the official code decays every parameter
     b = space.budget
     assert (b.gpus_per_worker, b.workers_per_trial, b.max_concurrent) == (1, 1, 0)
     assert space.scheduler.type == "asha" and space.scheduler.grace_period == 20
@@ -144,6 +145,7 @@ def test_imagenet_space_is_the_papers_recipe() -> None:
     assert c.data.same_class == 1 and c.bake.global_ensembling
     assert (c.optim.lr, c.optim.schedule, c.optim.warmup_epochs) == (0.4, "cosine", 5)
     assert c.optim.nesterov and c.optim.weight_decay == 5e-5
+    assert c.optim.decay_all_params and c.optim.warmup_start_factor == 0.1  # official code
     assert (space.budget.workers_per_trial, space.budget.gpus_per_worker) == (8, 1)
     assert space.scheduler.grace_period == 10
     trial = ss.trial_config(space, dict(space.initial_points[0]))
@@ -509,3 +511,30 @@ def test_corner_of_a_choice_naming_an_unknown_model(tmp_path: Path) -> None:
     )
     message = load_error(write(tmp_path, raw))
     assert "'model.name': 'vgg'" in message and "model.name: unknown 'vgg'" in message
+
+
+def test_affinity_temperature_is_searchable_and_its_range_comes_from_the_schema(
+    tmp_path: Path,
+) -> None:
+    """tau is searched like T/omega/lambda; a range reaching 0 is refused against the space,
+    with the limit the config schema declares (the same check as omega's and T's)."""
+    tau = {"distribution": "loguniform", "low": 0.05, "high": 1.0}
+    raw = edited(
+        (("space", "bake.affinity_temperature"), tau),
+        (("initial_points",), [{**PAPER_DEFAULTS, "bake.affinity_temperature": 1.0}]),
+    )
+    space = ss.load(write(tmp_path, raw))
+    assert "bake.affinity_temperature" in tune.optuna_space(space)
+    trial = ss.trial_config(space, {**PAPER_DEFAULTS, "bake.affinity_temperature": 0.1})
+    assert trial.bake.affinity_temperature == 0.1
+    bad = edited(
+        (("space", "bake.affinity_temperature"), {**tau, "distribution": "uniform", "low": 0.0}),
+        (("initial_points",), [{**PAPER_DEFAULTS, "bake.affinity_temperature": 1.0}]),
+    )
+    assert load_error(write(tmp_path, bad)) == (
+        "space.bake.affinity_temperature: values must be > 0, got [0.0, 1.0]"
+    )
+    val = edited((("space", "data.val_fraction"), {**UNIFORM, "low": 0.1, "high": 0.6}))
+    assert load_error(write(tmp_path, val)).startswith(
+        "space.data.val_fraction: values must lie in (0, 0.5], got [0.1, 0.6]"
+    )
