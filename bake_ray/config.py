@@ -258,12 +258,15 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"bake": {"omega": 0.5}}`` -> ``{"bake.omega": 0.5}``."""
+def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"bake": {"omega": 0.5}}`` -> ``{"bake.omega": 0.5}`` (``sep="/"``: ``bake/omega``).
+
+    The one nested-to-flat helper: config params, search-space keys and metric names.
+    """
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

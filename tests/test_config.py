@@ -203,3 +203,11 @@ def test_replace_and_assignment_revalidate():
     with pytest.raises(ValueError):
         c.bake.omega = 2.0
     assert c.bake.omega == 0.5
+
+
+def test_flatten_with_another_separator():
+    nested = {"a": {"b": 1, "c": {"d": [2]}}, "e": 3}
+    assert cfg.flatten(nested) == {"a.b": 1, "a.c.d": [2], "e": 3}
+    assert cfg.flatten(nested, sep="/") == {"a/b": 1, "a/c/d": [2], "e": 3}
+    assert cfg.flatten(nested, prefix="config.") == {"config.a.b": 1, "config.a.c.d": [2],
+                                                     "config.e": 3}  # fmt: skip
