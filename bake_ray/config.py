@@ -25,7 +25,7 @@ from pydantic.dataclasses import dataclass
 
 from bake_ray import registry
 from bake_ray.errors import ConfigError  # defined there, imported from here by most modules
-from bake_ray.schema import SCHEMA, Bool, Float, Int, Str, validated
+from bake_ray.schema import SCHEMA, Bool, Float, Int, Str, one_line_init, validated
 
 METHODS = registry.METHODS
 DATASETS = registry.DATASETS
@@ -65,6 +65,7 @@ def safe_load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_SafeLoader)
 
 
+@one_line_init("data")
 @dataclass(config=SCHEMA)
 class DataConfig:
     """Where the images come from and how batches are formed."""
@@ -99,6 +100,7 @@ class DataConfig:
         return self
 
 
+@one_line_init("model")
 @dataclass(config=SCHEMA)
 class ModelConfig:
     """Which architecture and its starting weights; every model returns (features, logits).
@@ -134,6 +136,7 @@ class ModelConfig:
         return self
 
 
+@one_line_init("bake")
 @dataclass(config=SCHEMA)
 class BakeConfig:
     """BAKE's hyperparameters (paper defaults T=4, omega=0.5, lambda=1).
@@ -154,6 +157,7 @@ class BakeConfig:
     affinity_temperature: Annotated[Float, Field(gt=0)] = 1.0  # tau; 1.0 = the paper
 
 
+@one_line_init("optim")
 @dataclass(config=SCHEMA)
 class OptimConfig:
     """SGD and its learning-rate schedule.
@@ -196,6 +200,7 @@ class OptimConfig:
         return self
 
 
+@one_line_init("runtime")
 @dataclass(config=SCHEMA)
 class RuntimeConfig:
     """Where and how the run executes; does not change the maths."""
@@ -219,6 +224,7 @@ class RuntimeConfig:
         return self
 
 
+@one_line_init()
 @dataclass(config=SCHEMA)
 class Config:
     """A complete, resolved bake-ray training run."""

@@ -70,6 +70,30 @@ def validated(cls: type, values: Any, prefix: str = "", style: Style = CONFIG_ST
         raise one_line(exc, cls, prefix, style) from None
 
 
+def one_line_init(section: str = "", style: Style = CONFIG_STYLE) -> Any:
+    """Class decorator: direct construction (``DataConfig(dataset="mnist")``) and
+    ``dataclasses.replace`` raise the same one-line :class:`ConfigError` as loading does.
+
+    Validation from plain data (:func:`validated`) never calls ``__init__``; this covers
+    code that builds a section itself. ``section`` is the dotted prefix of its keys.
+    """
+
+    def wrap(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except _ValidationError as exc:
+                raise one_line(exc, cls, f"{section}." if section else "", style) from None
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return wrap
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

@@ -84,6 +84,7 @@ class Dimension:
         return (self.low, self.high)
 
 
+@schema.one_line_init("budget", _SPACE_STYLE)
 @pydantic_dataclass(frozen=True, config=SCHEMA)
 class Budget:
     """How much search: trials, concurrency and the resources of one trial."""
@@ -97,6 +98,7 @@ class Budget:
     always_use_worker_group: Bool = False  # Ray's documented pattern, even for one worker
 
 
+@schema.one_line_init("scheduler", _SPACE_STYLE)
 @pydantic_dataclass(frozen=True, config=SCHEMA)
 class Scheduler:
     """Early stopping of weak trials (ASHA over epochs), or none."""
@@ -106,6 +108,7 @@ class Scheduler:
     reduction_factor: Annotated[Int, Field(ge=2)] = 2
 
 
+@schema.one_line_init("objective", _SPACE_STYLE)
 @pydantic_dataclass(frozen=True, config=SCHEMA)
 class Objective:
     """What a trial is judged by: a validation accuracy, maximised."""

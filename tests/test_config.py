@@ -198,8 +198,10 @@ def test_replace_and_assignment_revalidate():
 
     c = Config()
     assert dataclasses.replace(c.bake, omega=0.7).omega == 0.7
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match=r"^bake\.omega: must be in \[0, 1\), got 1\.0$"):
         dataclasses.replace(c.bake, omega=1.0)
+    with pytest.raises(ConfigError, match=r"^data\.dataset: unknown 'mnist'"):
+        cfg.DataConfig(dataset="mnist")  # built directly: the same one line
     with pytest.raises(ValueError):
         c.bake.omega = 2.0
     assert c.bake.omega == 0.5
