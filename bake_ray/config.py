@@ -267,7 +267,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """``{"bake": {"omega": 0.5}}`` -> ``{"bake.omega": 0.5}`` (``sep="/"``: ``bake/omega``).
 
-    The one nested-to-flat helper: config params, search-space keys and metric names.
+    The one nested-to-flat helper for config keys (MLflow params, search-space keys).
     """
     flat: dict[str, Any] = {}
     for key, value in values.items():
