@@ -90,8 +90,7 @@ def neumann_steps(omega: float, tol: float) -> int:
     Known on the host before any tensor exists, so the iteration count never waits on the
     device. E.g. tol = 1e-6: 20 rounds at omega = 0.5, 137 at omega = 0.9.
     """
-    if not 0.0 <= omega < 1.0 or not 0.0 < tol < 1.0:
-        raise ValueError(f"need omega in [0, 1) and tol in (0, 1), got {omega}, {tol}")
+    validated(BakeConfig, {"omega": omega, "tol": tol}, "bake.")  # omega < 1: the series converges
     if omega == 0.0:
         return 0
     steps = max(math.ceil(math.log(tol / 2.0) / math.log(omega)) - 1, 0)
