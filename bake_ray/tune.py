@@ -5,7 +5,8 @@ space file lists it) and ASHA over epochs. A one-worker trial trains inside its 
 process (no Ray Train worker group: ~2 s of overhead instead of ~20 s); a trial with several
 workers drives a ``TorchTrainer`` whose run name is the trial id, so a restarted trial
 resumes from its own checkpoints. All MLflow writes happen on the driver, in
-:class:`MlflowTrialCallback`, through :class:`bake_ray.tracking.SearchTracker`.
+:class:`bake_ray.tune_callbacks.MlflowTrialCallback` and the summary, through
+:class:`bake_ray.mlflow_runs.SearchTracker`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from bake_ray import search_record as rec
 from bake_ray import search_space as ss
 from bake_ray.config import ConfigError
 from bake_ray.data import check_data_available, input_shape
+from bake_ray.mlflow_runs import SearchTracker
 from bake_ray.models import check_model_available
 from bake_ray.ranking import TrialRow
 from bake_ray.raytrain import absolute_paths
@@ -56,7 +58,6 @@ from bake_ray.trial import (
 )
 from bake_ray.tune_callbacks import (
     _STATUSES,
-    _TRACKERS,
     MlflowTrialCallback,
     ProgressCallback,
     _filesystem,
@@ -94,6 +95,7 @@ def build_tuner(
     has_driver_slot: bool,
 ) -> Any:
     """Tuner = OptunaSearch (seeded TPE, initial points first) + ASHA over epochs."""
+    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
     from bake_ray.asha import STATE_FILE as ASHA_STATE_FILE
@@ -143,7 +145,8 @@ def build_tuner(
             name=name,
             storage_path=storage,
             verbose=0,
-            callbacks=[callback, ProgressCallback(space.epochs)],
+            # result.json is what MLflow is re-synced from: kept even when auto loggers are off
+            callbacks=[callback, ProgressCallback(space.epochs), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
             ),
@@ -374,8 +377,7 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
     with ray_keeps_its_temp_files():
         cap, driver_slot = _init_ray(address)
     concurrency = capacity.search_concurrency(p.space, cap, driver_slot)
-    tracker = tracking.SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
-    _TRACKERS[p.name] = tracker
+    tracker = SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
     exp_path = p.exp_path
     record = _start_record(p, address)
     if resume and _can_restore(exp_path):
@@ -390,7 +392,9 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
         if resume:
             raise ConfigError(f"--resume: {exp_path} holds no restorable search")
         _log_search_setup(tracker, p, concurrency)
-        callback = MlflowTrialCallback(p.name, p.space.epochs, p.storage.rstrip("/") + "/" + p.name)
+        callback = MlflowTrialCallback(
+            p.space.name, p.name, p.tracking_uri, p.space.epochs, p.exp_path
+        )
         tuner = build_tuner(p.space, p.storage, p.name, concurrency, callback, driver_slot)
     print(
         f"search {p.name}: {p.space.budget.num_samples} trials, {concurrency} at a time, "
@@ -522,7 +526,7 @@ def _unfinished_trials(search_id: str) -> set[str]:
 
 
 def _finish_interrupted(
-    tracker: tracking.SearchTracker, p: Plan, results: Any, record: rec.SearchRecord
+    tracker: SearchTracker, p: Plan, results: Any, record: rec.SearchRecord
 ) -> None:
     """Table with the unfinished trials marked ``interrupted``; MLflow runs KILLED and tagged
     with the resume command; no best config (the search is not over)."""
@@ -535,9 +539,9 @@ def _finish_interrupted(
         print("\n" + format_table(rows) + "\n", flush=True)
     command = record.resume_command
     tracker.mark_interrupted(f"interrupted before the search finished; resume: {command}")
-    report = tracker.close_all("KILLED")
-    if not report.ok:
-        print(f"warning: MLflow is missing some writes: {report}", file=sys.stderr)
+    missing = tracker.close_all("KILLED")
+    if missing:
+        print(f"warning: MLflow is missing writes of: {', '.join(missing)}", file=sys.stderr)
     record.status = rec.INTERRUPTED
     rec.save(p.exp_path, record)
     not_started = p.space.budget.num_samples - len(rows)
@@ -577,8 +581,8 @@ def _hard_stop(p: Plan, address: str | None) -> str:
     """A second Ctrl-C (or one before Tune ran): Tune's last per-step snapshot is what a
     resume starts from; MLflow and the record still say the search was interrupted."""
     command = p.record.resume_command if p.record else resume_command(p, address)
-    tracker = _TRACKERS.get(p.name)
-    if tracker is not None:
+    with contextlib.suppress(tracking.TrackingError):  # the runs are found by their tags
+        tracker = SearchTracker(p.space.name, p.name, p.tracking_uri)
         tracker.mark_interrupted(f"interrupted before the search finished; resume: {command}")
         tracker.close_all("KILLED")
     if p.record is not None and p.record.status == rec.RUNNING:
