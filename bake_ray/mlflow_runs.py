@@ -333,7 +333,10 @@ class SearchTracker:
             self.client.log_artifacts(self._run_of(trial_id), str(local_dir), artifact_path)
 
         label = _label(trial_id)
-        return self._write(label, f"artifacts {label}", upload, repairable=False, live=False)
+        done = self._write(label, f"artifacts {label}", upload, repairable=False, live=False)
+        if done:  # an earlier, failed upload of the same files is made good
+            self._lost.discard(label)
+        return done
 
     def end_trial(
         self,
