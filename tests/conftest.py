@@ -25,7 +25,7 @@ def ray_local():
     TRAIN_DRIVER resource for trials that only drive a Ray Train worker group."""
     import ray
 
-    from bake_ray.raytrain import init_ray
+    from bake_ray.raystart import init_ray
 
     init_ray(None, num_cpus=2)
     yield ray
