@@ -25,7 +25,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -393,55 +392,6 @@ def _limit_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-# --------------------------------------------------------------------------- optuna plots
-
-
-def write_optuna_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[str]]:
-    """Save optimisation history, parameter importances and parallel coordinates as PNGs.
-
-    Returns the files written and notes on plots skipped (too few trials, multi-objective,
-    plotting errors): a plot must never crash a search.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # the driver has no display; must precede pyplot
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as ovm
-
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    plots = {
-        "optimization_history": (ovm.plot_optimization_history, 1),
-        "param_importances": (ovm.plot_param_importances, 2),
-        "parallel_coordinate": (ovm.plot_parallel_coordinate, 1),
-    }
-    written: list[Path] = []
-    notes: list[str] = []
-    if len(study.directions) > 1:
-        return written, ["multi-objective study: plots skipped"]
-    for name, (plot, min_trials) in plots.items():
-        if len(complete) < min_trials:
-            notes.append(f"{name}: skipped, {len(complete)} complete trial(s) < {min_trials}")
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = plot(study)
-            figure = _figure_of(axes)
-            path = out_dir / f"{name}.png"
-            figure.savefig(path, dpi=110, bbox_inches="tight")
-            plt.close(figure)
-            written.append(path)
-        except Exception as err:  # a plot is a nicety; the search goes on
-            notes.append(f"{name}: skipped, {type(err).__name__}: {err}")
-    return written, notes
-
-
-def _figure_of(axes: Any) -> Any:
-    first = axes.flat[0] if hasattr(axes, "flat") else axes
-    return first.figure
 
 
 # --------------------------------------------------------------------------- tracker
@@ -873,6 +823,8 @@ class SearchTracker:
         out_dir = Path(tempfile.mkdtemp(prefix="bake_ray_plots_"))
         self._temp_dirs.append(out_dir)
         try:
+            from bake_ray.summary import write_optuna_plots
+
             written, notes = write_optuna_plots(study, out_dir)
         except Exception as err:  # never crash the search for a plot
             written, notes = [], [f"plots failed: {type(err).__name__}: {err}"]

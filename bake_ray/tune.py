@@ -14,10 +14,8 @@ import argparse
 import contextlib
 import io
 import logging
-import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -36,224 +34,47 @@ from bake_ray import capacity, ranking, tracking
 from bake_ray import config as cfg
 from bake_ray import search_record as rec
 from bake_ray import search_space as ss
-from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.config import ConfigError
 from bake_ray.data import check_data_available, input_shape
 from bake_ray.models import check_model_available
 from bake_ray.ranking import TrialRow
 from bake_ray.raytrain import absolute_paths
+from bake_ray.summary import (
+    _SCRATCH,
+    _finish,
+    _log_search_setup,
+    _row,
+    format_table,
+    optuna_space,
+)
 from bake_ray.trial import (
     BASE_KEY,
     TRAIN_STORAGE_KEY,
     WORKER_GROUP_KEY,
     WORKER_RESOURCES_KEY,
-    resolved_trial_config,
     run_trial,
-    trial_params,
+)
+from bake_ray.tune_callbacks import (
+    _STATUSES,
+    _TRACKERS,
+    MlflowTrialCallback,
+    ProgressCallback,
+    _filesystem,
+    _trial_dirname,
 )
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
-_TRACKERS: dict[str, tracking.SearchTracker] = {}  # Tune unpickles callbacks on restore
-_SCRATCH: dict[str, Path] = {}  # search id -> this driver's temporary folder (removed at exit)
-_STATUSES: dict[str, dict[str, str]] = {}  # search id -> Tune status of each trial, last step
 
 
 # --------------------------------------------------------------------------- MLflow callback
 
 
-def _status_of(result: dict[str, Any], epochs: int) -> tuple[str, str | None]:
-    """MLflow status of a trial that Tune completed: diverged, stopped early, or finished."""
-    if result.get("diverged"):
-        return "FAILED", str(result.get("error", "training loss became non-finite"))
-    if int(result.get("epoch", 0)) < epochs:
-        return "KILLED", None
-    return "FINISHED", None
-
-
-def _param_summary(trial_config: dict[str, Any]) -> str:
-    params = trial_params(trial_config)
-    return " ".join(
-        f"{_short(k)}={v:.4g}" if isinstance(v, float) else f"{_short(k)}={v}"
-        for k, v in params.items()
-    )
-
-
-def accuracy_interval(result: dict[str, Any]) -> dict[str, float]:
-    """``best_val_acc_lo``/``_hi``: the 95% Wilson interval of the best validation accuracy
-    so far, over the ``val_n`` validation images (nothing when the count is unknown)."""
-    n = int(result.get("val_n", 0) or 0)
-    if n <= 0 or "best_val_acc" not in result:
-        return {}
-    low, high = ranking.wilson_interval(round(float(result["best_val_acc"]) * n), n)
-    return {"best_val_acc_lo": low, "best_val_acc_hi": high}
-
-
-class ProgressCallback(tune.Callback):
-    """One line per trial epoch on the driver, instead of Ray's per-checkpoint log lines."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        if "val_acc" not in result or result.get("diverged"):
-            return
-        print(
-            f"trial {trial.trial_id}  epoch {int(result['epoch'])}/{self.epochs}  "
-            f"val {result['val_acc']:.4f}  loss {result.get('train_loss', float('nan')):.4f}  "
-            f"[{_param_summary(trial.config)}]",
-            flush=True,
-        )
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        status, error = _status_of(trial.last_result or {}, self.epochs)
-        label = {"KILLED": "stopped early by ASHA", "FAILED": f"failed: {error}"}.get(
-            status, "done"
-        )
-        print(f"trial {trial.trial_id}  {label}", flush=True)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"trial {trial.trial_id}  error: {_read_error(trial)}", flush=True)
-
-
-def _trial_dirname(trial: Any) -> str:
-    """Short trial folder names (Tune's default embeds every config value)."""
-    return f"trial_{trial.trial_id}"
-
-
-def _read_error(trial: Any) -> str:
-    path = getattr(trial, "error_file", None)
-    try:
-        lines = Path(path).read_text().strip().splitlines() if path else []
-    except OSError:
-        lines = []
-    return lines[-1] if lines else "trial failed"
-
-
-class MlflowTrialCallback(tune.Callback):
-    """Mirrors every trial into a nested MLflow run, from the driver only.
-
-    Metrics are logged with step = epoch; the run ends FINISHED, KILLED (ASHA stopped it)
-    or FAILED (error or divergence); the best checkpoint is uploaded when the trial ends.
-    The tracker is not pickled with the callback (Tune stores callbacks in tuner.pkl):
-    after a restore it is found again by search id in this process.
-    """
-
-    def __init__(self, search_id: str, epochs: int, storage: str) -> None:
-        self.search_id = search_id
-        self.epochs = epochs
-        self.storage = storage
-
-    @property
-    def tracker(self) -> tracking.SearchTracker:
-        return _TRACKERS[self.search_id]
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        """Remember each trial's status: on an interrupt Tune stops the running trials and
-        marks them TERMINATED after its final snapshot (which still says RUNNING)."""
-        _STATUSES[self.search_id] = {t.trial_id: t.status for t in trials}
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        config = cfg.to_dict(resolved_trial_config(trial.config))
-        self.tracker.start_trial(trial.trial_id, config, run_name=f"trial-{trial.trial_id}")
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        if "epoch" in result:
-            metrics = {**result, **accuracy_interval(result)}
-            self.tracker.log_trial_metrics(trial.trial_id, metrics, step=int(result["epoch"]))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        status, error = _status_of(trial.last_result or {}, self.epochs)
-        self._upload_best_checkpoint(trial)
-        self.tracker.end_trial(trial.trial_id, status, error)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._upload_best_checkpoint(trial)
-        self.tracker.end_trial(trial.trial_id, "FAILED", _read_error(trial))
-
-    def _upload_best_checkpoint(self, trial: Any) -> None:
-        scratch = _SCRATCH.get(self.search_id)
-        dest = None if scratch is None else scratch / f"best_{trial.trial_id}"
-        local = best_checkpoint_dir(trial_checkpoint_roots(trial, self.storage), dest)
-        if local is not None:
-            self.tracker.log_trial_artifacts(trial.trial_id, local, "checkpoint")
-            if self.tracker.pending == 0:  # uploaded: a checkpoint copy per trial adds up
-                shutil.rmtree(local, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
-def trial_checkpoint_roots(trial: Any, storage: str) -> list[str]:
-    """Where a trial's checkpoints live: its Tune dir, or its Ray Train run (multi-worker)."""
-    scheme = storage.split("://")[0] + "://" if "://" in storage else ""
-    tune_dir = trial.path if "://" in trial.path else f"{scheme}{trial.path}"
-    return [tune_dir, f"{storage.rstrip('/')}/train_runs/{trial.trial_id}"]
-
-
-def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in uri:
-        return pyarrow.fs.FileSystem.from_uri(uri)
-    return pyarrow.fs.LocalFileSystem(), uri
-
-
-def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | None:
-    """Download the kept checkpoint with the highest val_acc (on a tie, the later one: the
-    engine's selected epoch) to ``dest`` (default: a new temporary folder, which the caller
-    must remove)."""
-    import json
-
-    best: tuple[float, pyarrow.fs.FileSystem, str] | None = None
-    for root in roots:
-        fs, path = _filesystem(root)
-        try:
-            infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-        except OSError:
-            continue
-        for info in sorted(infos, key=lambda i: i.base_name):  # checkpoint_000001, ... in order
-            if info.type != pyarrow.fs.FileType.Directory or "checkpoint_" not in info.base_name:
-                continue
-            try:
-                with fs.open_input_stream(f"{info.path}/{METRICS_FILE}") as handle:
-                    val = float(json.loads(handle.read())["val_acc"])
-            except (OSError, ValueError, KeyError):
-                continue
-            if best is None or val >= best[0]:  # a tie goes to the later epoch, as in training
-                best = (val, fs, info.path)
-    if best is None:
-        return None
-    local = dest or Path(tempfile.mkdtemp(prefix="bake_ray_best_"))
-    local.mkdir(parents=True, exist_ok=True)
-    for name in (CHECKPOINT_FILE, METRICS_FILE):
-        pyarrow.fs.copy_files(
-            f"{best[2]}/{name}",
-            str(local / name),
-            source_filesystem=best[1],
-            destination_filesystem=pyarrow.fs.LocalFileSystem(),
-        )
-    return local
-
-
 # --------------------------------------------------------------------------- the Tuner
-
-
-def optuna_space(space: ss.SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The space as Optuna distributions, keyed by dotted config path."""
-    dists = optuna.distributions
-    out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for d in space.dimensions:
-        if d.distribution == "choice":
-            out[d.key] = dists.CategoricalDistribution(list(d.values))
-        elif d.distribution == "int":
-            out[d.key] = dists.IntDistribution(int(d.low), int(d.high))
-        else:
-            out[d.key] = dists.FloatDistribution(d.low, d.high, log=d.distribution == "loguniform")
-    return out
 
 
 def _trial_resources(space: ss.SearchSpace, has_driver_slot: bool) -> dict[str, float]:
@@ -332,113 +153,6 @@ def build_tuner(
 
 
 # --------------------------------------------------------------------------- results
-
-
-def _row(result: Any, space: ss.SearchSpace) -> TrialRow:
-    metrics = result.metrics or {}
-    params = {d.key: result.config.get(d.key) for d in space.dimensions}
-    epochs = int(metrics.get("epoch", 0))
-    if result.error is not None:
-        status = "error"
-    elif metrics.get("diverged"):
-        status = "diverged"
-    else:
-        status = "stopped" if epochs < space.epochs else "finished"
-    return TrialRow(
-        trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
-        params=params,
-        best_val_acc=float(metrics.get("best_val_acc", 0.0)),
-        test_acc=float(metrics.get("test_acc_at_best_val", float("nan"))),
-        epochs=epochs,
-        status=status,
-        val_n=int(metrics.get("val_n", 0)),
-        val_loss=float(metrics.get("val_loss_at_best_val", float("inf"))),
-        started=_started(metrics),
-    )
-
-
-def _started(metrics: dict[str, Any]) -> float:
-    """When the trial started, for the order of Optuna's history plot: its last report's
-    time less the time it has run (a trial paused by an interrupt looks as late as the pause
-    was long; Tune's own logs, which would say better, may be turned off)."""
-    return float(metrics.get("timestamp", 0.0)) - float(metrics.get("time_total_s", 0.0))
-
-
-def _short(key: str) -> str:
-    return {"bake.temperature": "T", "bake.omega": "omega", "bake.loss_weight": "lambda"}.get(
-        key, key.split(".")[-1]
-    )
-
-
-def format_table(rows: list[TrialRow]) -> str:
-    """Trials in ranking order (:mod:`bake_ray.ranking`): best validation accuracy with its
-    count of correct images out of n and its 95% Wilson interval, the validation loss that
-    breaks ties, and the test accuracy of that same epoch (not the best test accuracy)."""
-    keys = list(rows[0].params) if rows else []
-    header = [
-        "rank",
-        "trial",
-        *(_short(k) for k in keys),
-        "best val",
-        "correct/n",
-        "95% interval",
-        "val loss",
-        "its test",
-        "epochs",
-        "status",
-    ]
-    lines = [header, *(_table_line(i, row, keys) for i, row in enumerate(rows, 1))]
-    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
-    table = "\n".join(
-        "  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in lines
-    )
-    return table + "\n" + TABLE_NOTE
-
-
-TABLE_NOTE = (
-    "ranked by best val, then lower val loss at that epoch, then trial id; "
-    "95% interval: Wilson score interval of best val over its n validation images"
-)
-
-
-def _table_line(rank: int, row: TrialRow, keys: list[str]) -> list[str]:
-    values = [
-        f"{row.params[k]:.4g}" if isinstance(row.params[k], float) else str(row.params[k])
-        for k in keys
-    ]
-    known = row.val_n > 0
-    low, high = row.interval
-    return [
-        str(rank),
-        row.trial_id,
-        *values,
-        f"{row.best_val_acc:.4f}",
-        f"{row.val_correct}/{row.val_n}" if known else "-",
-        f"{low:.4f}-{high:.4f}" if known else "-",
-        f"{row.val_loss:.4f}" if math.isfinite(row.val_loss) else "-",
-        f"{row.test_acc:.4f}",
-        str(row.epochs),
-        row.status,
-    ]
-
-
-def study_from_rows(rows: list[TrialRow], space: ss.SearchSpace) -> optuna.Study:
-    """An Optuna study rebuilt from the results (for plots), independent of Tune internals.
-
-    Trials are added in the order they started, so the history plot shows the search as it
-    went (rows come in ranking order, which would draw a monotone curve)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    dists = optuna_space(space)
-    for row in sorted(rows, key=lambda r: (r.started, r.trial_id)):
-        if row.status == "error":
-            continue
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=row.params, distributions=dists, value=row.best_val_acc
-            )
-        )
-    return study
 
 
 # --------------------------------------------------------------------------- CLI
@@ -734,15 +448,6 @@ def _scratch(search_id: str) -> Iterator[Path]:
             _SCRATCH.pop(search_id, None)
 
 
-def _scratch_dir(search_id: str, name: str) -> Path:
-    scratch = _SCRATCH.get(search_id)
-    if scratch is None:  # called outside run_search (tests): the caller owns the folder
-        return Path(tempfile.mkdtemp(prefix=f"bake_ray_{name}_"))
-    path = scratch / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 class _DropTuneResumeHint(logging.Filter):
     """Ray's own interrupt messages name ``Tuner.restore(...)``: bake-ray prints its command."""
 
@@ -842,128 +547,6 @@ def _finish_interrupted(
         flush=True,
     )
     raise SearchInterrupted(command)
-
-
-def _log_search_setup(tracker: tracking.SearchTracker, p: Plan, concurrency: int) -> None:
-    b, s = p.space.budget, p.space.scheduler
-    tracker.log_search_params(
-        {
-            "space": p.space.name,
-            "num_samples": b.num_samples,
-            "concurrency": concurrency,
-            "workers_per_trial": b.workers_per_trial,
-            "gpus_per_worker": b.gpus_per_worker,
-            "epochs": p.space.epochs,
-            "scheduler": s.type,
-            "asha.grace_period": s.grace_period,
-            "asha.reduction_factor": s.reduction_factor,
-            "sampler": "optuna.TPESampler",
-            "seed": p.space.seed,
-            "metric": p.space.metric,
-            "storage": p.storage,
-        }
-    )
-    if p.space.source is not None:
-        tracker.log_search_artifact(p.space.source, "space")
-
-
-def best_config(p: Plan, row: TrialRow) -> cfg.Config:
-    """The winner as a training config: full epochs, and in-process when trials used 1 worker."""
-    config = ss.trial_config(p.space, row.params)
-    if p.space.budget.workers_per_trial == 1:
-        values = cfg.to_dict(config)
-        values["runtime"]["workers"] = 0
-        config = cfg.from_dict(values)
-    return config
-
-
-def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str) -> None:
-    """Table, best config, summary artifacts and plots on the parent run; close every run."""
-    table = "\n".join(
-        line for line in (format_table(rows), ranking.tie_note(rows)) if line is not None
-    )
-    if any(r.status != "error" for r in rows):
-        table += "\n" + ranking.separability_line(rows)
-    print("\n" + table + "\n", flush=True)
-    out = _scratch_dir(p.name, "summary")
-    (out / "trials.txt").write_text(table + "\n")
-    tracker.log_search_artifact(out / "trials.txt", "summary")
-    usable = [r for r in rows if r.status != "error"]
-    if usable:
-        best = usable[0]
-        config = best_config(p, best)
-        best_path = _best_config_path(exp_path)
-        cfg.save(config, best_path)
-        tracker.log_search_artifact(best_path, "summary")
-        tracker.log_best(
-            best.trial_id,
-            cfg.to_dict(config),
-            {"val_acc": best.best_val_acc, "test_acc": best.test_acc, **_best_metrics(best)},
-        )
-        tracker.describe_search(ranking.describe(rows, _short), best.params)
-        tracker.log_study_plots(study_from_rows(rows, p.space))
-        print(
-            f"best trial {best.trial_id}: val {best.best_val_acc:.4f}"
-            f"{_interval_text(best)}, test {best.test_acc:.4f}; "
-            f"config written to {best_path}\n"
-            f"  train it: {_train_hint(p, tracker, best_path, config.runtime.workers == 0)}"
-        )
-    tracker.end_orphaned_trials(row.trial_id for row in rows)
-    report = tracker.close_all()
-    if not report.ok:
-        print(f"warning: MLflow is missing some writes: {report}", file=sys.stderr)
-    print(
-        f"MLflow: experiment '{p.space.name}', parent run '{p.name}' at {p.tracking_uri}\n"
-        f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}",
-        flush=True,
-    )
-
-
-def _interval_text(row: TrialRow) -> str:
-    if row.val_n <= 0:
-        return ""
-    low, high = row.interval
-    return f" ({row.val_correct}/{row.val_n}, 95% interval {low:.4f}-{high:.4f})"
-
-
-def _best_metrics(row: TrialRow) -> dict[str, float]:
-    """The winner's interval and n, logged on the parent as ``best.val_acc_lo`` etc."""
-    if row.val_n <= 0:
-        return {}
-    low, high = row.interval
-    return {"val_acc_lo": low, "val_acc_hi": high, "val_n": float(row.val_n)}
-
-
-def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path, in_process: bool) -> str:
-    """How to train the winner from where the user is: on a cluster, a job whose config
-    comes from MLflow (the search's files stay on the cluster) and that trains on a worker
-    node (one Ray Train worker, not in the job's process on the head); here, this
-    interpreter."""
-    if not p.joined:
-        return f"{_python()} -m bake_ray.train --config {best_path}"
-    fetch = tracking.download_hint(p.tracking_uri, tracker.parent_run_id, "summary", best_path)
-    config = best_path.name if fetch else best_path  # else: the storage is the cluster's own
-    submit = (
-        "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
-        f"python -m bake_ray.train --config {config}{' --workers 1' if in_process else ''}"
-    )
-    return f"{fetch}, then\n    {submit}" if fetch else submit
-
-
-def _python() -> str:
-    """This interpreter, as short as it can be said: ``python`` when that is the one on PATH.
-    Paths are compared unresolved: a venv's python is a link to a python without bake-ray."""
-    found = shutil.which("python")
-    if found and Path(found).absolute() == Path(sys.executable).absolute():
-        return "python"
-    return sys.executable
-
-
-def _best_config_path(exp_path: str) -> Path:
-    """Beside the experiment when it is local; in the working directory otherwise."""
-    if "://" in exp_path:
-        return Path.cwd() / f"best_config-{Path(exp_path).name}.yaml"
-    return Path(exp_path) / "best_config.yaml"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

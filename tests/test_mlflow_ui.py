@@ -148,7 +148,7 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
         pytest.skip(missing("chromium", f"{CHROMIUM} not found; apt-get install chromium"))
     from mlflow.tracking import MlflowClient
 
-    from bake_ray import tracking, tune
+    from bake_ray import tracking, tune, tune_callbacks
 
     suffix = uuid.uuid4().hex[:8]
     space_name, search_name = f"ui-compare-{suffix}", f"ui-search-{suffix}"
@@ -165,7 +165,7 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
     assert code == 0
 
     # What the server holds: two trial runs under the search's parent run.
-    tracker = tune._TRACKERS[search_name]
+    tracker = tune_callbacks._TRACKERS[search_name]
     client = MlflowClient(tracking_uri=mlflow_server)
     trials = client.search_runs(
         [tracker.experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{tracker.parent_run_id}'"

@@ -9,7 +9,8 @@ import pytest
 from bake_ray import ranking
 from bake_ray import search_space as ss
 from bake_ray.ranking import TrialRow
-from bake_ray.tune import DEFAULT_SPACE, format_table, study_from_rows
+from bake_ray.summary import format_table, study_from_rows
+from bake_ray.tune import DEFAULT_SPACE
 
 
 def row(trial_id: str, acc: float, loss: float, n: int = 144, **kw: object) -> TrialRow:

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from reliability_helpers import TcpForwarder
 
 from bake_ray import tracking
+from bake_ray.summary import write_optuna_plots
 from bake_ray.tracking import (
     SearchTracker,
     TrackingError,
@@ -22,7 +23,6 @@ from bake_ray.tracking import (
     default_artifact_location,
     filter_metrics,
     resolve_tracking_uri,
-    write_optuna_plots,
 )
 
 CONFIG = {

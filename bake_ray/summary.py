@@ -1,0 +1,342 @@
+"""What a search says when it ends: the ranked trial table, the best config, the parent
+run's summary artifacts, description and Optuna plots, and the command that trains the
+winner."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from bake_ray import config as cfg
+from bake_ray import ranking, tracking
+from bake_ray import search_space as ss
+from bake_ray.ranking import TrialRow
+from bake_ray.trial import trial_params
+
+if TYPE_CHECKING:
+    from bake_ray.tune import Plan
+
+_SCRATCH: dict[str, Path] = {}  # search id -> this driver's temporary folder (removed at exit)
+
+
+def _param_summary(trial_config: dict[str, Any]) -> str:
+    params = trial_params(trial_config)
+    return " ".join(
+        f"{_short(k)}={v:.4g}" if isinstance(v, float) else f"{_short(k)}={v}"
+        for k, v in params.items()
+    )
+
+
+def accuracy_interval(result: dict[str, Any]) -> dict[str, float]:
+    """``best_val_acc_lo``/``_hi``: the 95% Wilson interval of the best validation accuracy
+    so far, over the ``val_n`` validation images (nothing when the count is unknown)."""
+    n = int(result.get("val_n", 0) or 0)
+    if n <= 0 or "best_val_acc" not in result:
+        return {}
+    low, high = ranking.wilson_interval(round(float(result["best_val_acc"]) * n), n)
+    return {"best_val_acc_lo": low, "best_val_acc_hi": high}
+
+
+def optuna_space(space: ss.SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The space as Optuna distributions, keyed by dotted config path."""
+    dists = optuna.distributions
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for d in space.dimensions:
+        if d.distribution == "choice":
+            out[d.key] = dists.CategoricalDistribution(list(d.values))
+        elif d.distribution == "int":
+            out[d.key] = dists.IntDistribution(int(d.low), int(d.high))
+        else:
+            out[d.key] = dists.FloatDistribution(d.low, d.high, log=d.distribution == "loguniform")
+    return out
+
+
+def _row(result: Any, space: ss.SearchSpace) -> TrialRow:
+    metrics = result.metrics or {}
+    params = {d.key: result.config.get(d.key) for d in space.dimensions}
+    epochs = int(metrics.get("epoch", 0))
+    if result.error is not None:
+        status = "error"
+    elif metrics.get("diverged"):
+        status = "diverged"
+    else:
+        status = "stopped" if epochs < space.epochs else "finished"
+    return TrialRow(
+        trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
+        params=params,
+        best_val_acc=float(metrics.get("best_val_acc", 0.0)),
+        test_acc=float(metrics.get("test_acc_at_best_val", float("nan"))),
+        epochs=epochs,
+        status=status,
+        val_n=int(metrics.get("val_n", 0)),
+        val_loss=float(metrics.get("val_loss_at_best_val", float("inf"))),
+        started=_started(metrics),
+    )
+
+
+def _started(metrics: dict[str, Any]) -> float:
+    """When the trial started, for the order of Optuna's history plot: its last report's
+    time less the time it has run (a trial paused by an interrupt looks as late as the pause
+    was long; Tune's own logs, which would say better, may be turned off)."""
+    return float(metrics.get("timestamp", 0.0)) - float(metrics.get("time_total_s", 0.0))
+
+
+def _short(key: str) -> str:
+    return {"bake.temperature": "T", "bake.omega": "omega", "bake.loss_weight": "lambda"}.get(
+        key, key.split(".")[-1]
+    )
+
+
+def format_table(rows: list[TrialRow]) -> str:
+    """Trials in ranking order (:mod:`bake_ray.ranking`): best validation accuracy with its
+    count of correct images out of n and its 95% Wilson interval, the validation loss that
+    breaks ties, and the test accuracy of that same epoch (not the best test accuracy)."""
+    keys = list(rows[0].params) if rows else []
+    header = [
+        "rank",
+        "trial",
+        *(_short(k) for k in keys),
+        "best val",
+        "correct/n",
+        "95% interval",
+        "val loss",
+        "its test",
+        "epochs",
+        "status",
+    ]
+    lines = [header, *(_table_line(i, row, keys) for i, row in enumerate(rows, 1))]
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    table = "\n".join(
+        "  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in lines
+    )
+    return table + "\n" + TABLE_NOTE
+
+
+TABLE_NOTE = (
+    "ranked by best val, then lower val loss at that epoch, then trial id; "
+    "95% interval: Wilson score interval of best val over its n validation images"
+)
+
+
+def _table_line(rank: int, row: TrialRow, keys: list[str]) -> list[str]:
+    values = [
+        f"{row.params[k]:.4g}" if isinstance(row.params[k], float) else str(row.params[k])
+        for k in keys
+    ]
+    known = row.val_n > 0
+    low, high = row.interval
+    return [
+        str(rank),
+        row.trial_id,
+        *values,
+        f"{row.best_val_acc:.4f}",
+        f"{row.val_correct}/{row.val_n}" if known else "-",
+        f"{low:.4f}-{high:.4f}" if known else "-",
+        f"{row.val_loss:.4f}" if math.isfinite(row.val_loss) else "-",
+        f"{row.test_acc:.4f}",
+        str(row.epochs),
+        row.status,
+    ]
+
+
+def study_from_rows(rows: list[TrialRow], space: ss.SearchSpace) -> optuna.Study:
+    """An Optuna study rebuilt from the results (for plots), independent of Tune internals.
+
+    Trials are added in the order they started, so the history plot shows the search as it
+    went (rows come in ranking order, which would draw a monotone curve)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    dists = optuna_space(space)
+    for row in sorted(rows, key=lambda r: (r.started, r.trial_id)):
+        if row.status == "error":
+            continue
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=row.params, distributions=dists, value=row.best_val_acc
+            )
+        )
+    return study
+
+
+def _scratch_dir(search_id: str, name: str) -> Path:
+    scratch = _SCRATCH.get(search_id)
+    if scratch is None:  # called outside run_search (tests): the caller owns the folder
+        return Path(tempfile.mkdtemp(prefix=f"bake_ray_{name}_"))
+    path = scratch / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _log_search_setup(tracker: tracking.SearchTracker, p: Plan, concurrency: int) -> None:
+    b, s = p.space.budget, p.space.scheduler
+    tracker.log_search_params(
+        {
+            "space": p.space.name,
+            "num_samples": b.num_samples,
+            "concurrency": concurrency,
+            "workers_per_trial": b.workers_per_trial,
+            "gpus_per_worker": b.gpus_per_worker,
+            "epochs": p.space.epochs,
+            "scheduler": s.type,
+            "asha.grace_period": s.grace_period,
+            "asha.reduction_factor": s.reduction_factor,
+            "sampler": "optuna.TPESampler",
+            "seed": p.space.seed,
+            "metric": p.space.metric,
+            "storage": p.storage,
+        }
+    )
+    if p.space.source is not None:
+        tracker.log_search_artifact(p.space.source, "space")
+
+
+def best_config(p: Plan, row: TrialRow) -> cfg.Config:
+    """The winner as a training config: full epochs, and in-process when trials used 1 worker."""
+    config = ss.trial_config(p.space, row.params)
+    if p.space.budget.workers_per_trial == 1:
+        values = cfg.to_dict(config)
+        values["runtime"]["workers"] = 0
+        config = cfg.from_dict(values)
+    return config
+
+
+def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str) -> None:
+    """Table, best config, summary artifacts and plots on the parent run; close every run."""
+    table = "\n".join(
+        line for line in (format_table(rows), ranking.tie_note(rows)) if line is not None
+    )
+    if any(r.status != "error" for r in rows):
+        table += "\n" + ranking.separability_line(rows)
+    print("\n" + table + "\n", flush=True)
+    out = _scratch_dir(p.name, "summary")
+    (out / "trials.txt").write_text(table + "\n")
+    tracker.log_search_artifact(out / "trials.txt", "summary")
+    usable = [r for r in rows if r.status != "error"]
+    if usable:
+        best = usable[0]
+        config = best_config(p, best)
+        best_path = _best_config_path(exp_path)
+        cfg.save(config, best_path)
+        tracker.log_search_artifact(best_path, "summary")
+        tracker.log_best(
+            best.trial_id,
+            cfg.to_dict(config),
+            {"val_acc": best.best_val_acc, "test_acc": best.test_acc, **_best_metrics(best)},
+        )
+        tracker.describe_search(ranking.describe(rows, _short), best.params)
+        tracker.log_study_plots(study_from_rows(rows, p.space))
+        print(
+            f"best trial {best.trial_id}: val {best.best_val_acc:.4f}"
+            f"{_interval_text(best)}, test {best.test_acc:.4f}; "
+            f"config written to {best_path}\n"
+            f"  train it: {_train_hint(p, tracker, best_path, config.runtime.workers == 0)}"
+        )
+    tracker.end_orphaned_trials(row.trial_id for row in rows)
+    report = tracker.close_all()
+    if not report.ok:
+        print(f"warning: MLflow is missing some writes: {report}", file=sys.stderr)
+    print(
+        f"MLflow: experiment '{p.space.name}', parent run '{p.name}' at {p.tracking_uri}\n"
+        f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}",
+        flush=True,
+    )
+
+
+def _interval_text(row: TrialRow) -> str:
+    if row.val_n <= 0:
+        return ""
+    low, high = row.interval
+    return f" ({row.val_correct}/{row.val_n}, 95% interval {low:.4f}-{high:.4f})"
+
+
+def _best_metrics(row: TrialRow) -> dict[str, float]:
+    """The winner's interval and n, logged on the parent as ``best.val_acc_lo`` etc."""
+    if row.val_n <= 0:
+        return {}
+    low, high = row.interval
+    return {"val_acc_lo": low, "val_acc_hi": high, "val_n": float(row.val_n)}
+
+
+def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path, in_process: bool) -> str:
+    """How to train the winner from where the user is: on a cluster, a job whose config
+    comes from MLflow (the search's files stay on the cluster) and that trains on a worker
+    node (one Ray Train worker, not in the job's process on the head); here, this
+    interpreter."""
+    if not p.joined:
+        return f"{_python()} -m bake_ray.train --config {best_path}"
+    fetch = tracking.download_hint(p.tracking_uri, tracker.parent_run_id, "summary", best_path)
+    config = best_path.name if fetch else best_path  # else: the storage is the cluster's own
+    submit = (
+        "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+        f"python -m bake_ray.train --config {config}{' --workers 1' if in_process else ''}"
+    )
+    return f"{fetch}, then\n    {submit}" if fetch else submit
+
+
+def _python() -> str:
+    """This interpreter, as short as it can be said: ``python`` when that is the one on PATH.
+    Paths are compared unresolved: a venv's python is a link to a python without bake-ray."""
+    found = shutil.which("python")
+    if found and Path(found).absolute() == Path(sys.executable).absolute():
+        return "python"
+    return sys.executable
+
+
+def _best_config_path(exp_path: str) -> Path:
+    """Beside the experiment when it is local; in the working directory otherwise."""
+    if "://" in exp_path:
+        return Path.cwd() / f"best_config-{Path(exp_path).name}.yaml"
+    return Path(exp_path) / "best_config.yaml"
+
+
+def write_optuna_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Save optimisation history, parameter importances and parallel coordinates as PNGs.
+
+    Returns the files written and notes on plots skipped (too few trials, multi-objective,
+    plotting errors): a plot must never crash a search.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # the driver has no display; must precede pyplot
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    plots = {
+        "optimization_history": (ovm.plot_optimization_history, 1),
+        "param_importances": (ovm.plot_param_importances, 2),
+        "parallel_coordinate": (ovm.plot_parallel_coordinate, 1),
+    }
+    written: list[Path] = []
+    notes: list[str] = []
+    if len(study.directions) > 1:
+        return written, ["multi-objective study: plots skipped"]
+    for name, (plot, min_trials) in plots.items():
+        if len(complete) < min_trials:
+            notes.append(f"{name}: skipped, {len(complete)} complete trial(s) < {min_trials}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot(study)
+            figure = _figure_of(axes)
+            path = out_dir / f"{name}.png"
+            figure.savefig(path, dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            written.append(path)
+        except Exception as err:  # a plot is a nicety; the search goes on
+            notes.append(f"{name}: skipped, {type(err).__name__}: {err}")
+    return written, notes
+
+
+def _figure_of(axes: Any) -> Any:
+    first = axes.flat[0] if hasattr(axes, "flat") else axes
+    return first.figure
