@@ -198,13 +198,9 @@ def _log_search_setup(tracker: tracking.SearchTracker, p: Plan, concurrency: int
 
 
 def best_config(p: Plan, row: TrialRow) -> cfg.Config:
-    """The winner as a training config: full epochs, and in-process when trials used 1 worker."""
-    config = ss.trial_config(p.space, row.params)
-    if p.space.budget.workers_per_trial == 1:
-        values = cfg.to_dict(config)
-        values["runtime"]["workers"] = 0
-        config = cfg.from_dict(values)
-    return config
+    """The winner as a training config: full epochs, and the trials' ``runtime.workers``
+    (0, in-process, when trials used one worker: the meaning ``train`` gives it too)."""
+    return ss.trial_config(p.space, row.params)
 
 
 def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str) -> None:

@@ -68,19 +68,13 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
 
 
-# --------------------------------------------------------------------------- MLflow callback
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
 # --------------------------------------------------------------------------- the Tuner
 
 
 def _trial_resources(space: ss.SearchSpace, has_driver_slot: bool) -> dict[str, float]:
     """A one-worker trial holds its worker's resources; a multi-worker trial only drives."""
     b = space.budget
-    if b.workers_per_trial == 1 and not b.always_use_worker_group:
+    if ss.trains_in_trial(b):
         return {"CPU": b.cpus_per_worker, "GPU": b.gpus_per_worker}
     return {"TRAIN_DRIVER": 1} if has_driver_slot else {"CPU": 0.01}
 
@@ -150,9 +144,6 @@ def build_tuner(
             failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         ),
     )
-
-
-# --------------------------------------------------------------------------- results
 
 
 # --------------------------------------------------------------------------- CLI
@@ -368,7 +359,7 @@ def run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
 
 
 def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
-    from bake_ray.raytrain import ray_keeps_its_temp_files
+    from bake_ray.raystart import ray_keeps_its_temp_files
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # restorable state after each step
     with ray_keeps_its_temp_files():
@@ -596,8 +587,7 @@ def _show_finished(p: Plan) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module's main: Tune pickles trainables and callbacks, and objects
-    # defined in __main__ would be pickled by value along with the driver's live state.
-    from bake_ray.tune import main as _main
-
-    sys.exit(_main())
+    # Nothing this file defines is handed to Ray: the trainable (trial.py), the callbacks
+    # (tune_callbacks.py) and the scheduler (asha.py) are importable by module name, so
+    # running this file as __main__ pickles no object of it by value.
+    sys.exit(main())
