@@ -8,8 +8,11 @@ Imports under ``if TYPE_CHECKING:`` are left out: they never run.
 from __future__ import annotations
 
 import ast
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bake_ray"
 CORE = ("bake", "engine", "data", "models")  # training maths and loops: no Ray, no MLflow
@@ -125,3 +128,28 @@ def test_backbones_and_registry_split_names_alike() -> None:
     assert set(backbones.LIBRARY_BUILDERS) == set(registry.LIBRARIES)
     for name in ("timm/resnet18.a1_in1k", "torchvision/resnet18", "resnet18", "other/x", "a/b/c"):
         assert backbones.split_name(name) == registry.split_name(name), name
+
+
+def _console_scripts() -> dict[str, str]:
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    return dict(pyproject["project"]["scripts"])
+
+
+def test_console_scripts_are_declared() -> None:
+    assert set(_console_scripts()) >= {"bake-train", "bake-tune", "bake-compare"}
+
+
+@pytest.mark.parametrize("script", sorted(_console_scripts()))
+def test_console_script_entry_answers_help(script: str, capsys: pytest.CaptureFixture) -> None:
+    """What ``pip install`` turns into ``.venv/bin/<script>`` calls ``module:function()``:
+    each one imports and prints its help (exit 0), as the ``python -m`` form does."""
+    module, function = _console_scripts()[script].split(":")
+    if not (PACKAGE.parent / (module.replace(".", "/") + ".py")).is_file():
+        pytest.skip(f"{module} is not in this checkout")
+    entry = getattr(importlib.import_module(module), function)
+    with pytest.raises(SystemExit) as done:
+        entry(["--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
