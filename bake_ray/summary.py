@@ -18,7 +18,6 @@ from bake_ray import config as cfg
 from bake_ray import ranking, tracking
 from bake_ray import search_space as ss
 from bake_ray.ranking import TrialRow
-from bake_ray.trial import trial_params
 
 if TYPE_CHECKING:
     from bake_ray.tune import Plan
@@ -26,8 +25,8 @@ if TYPE_CHECKING:
 _SCRATCH: dict[str, Path] = {}  # search id -> this driver's temporary folder (removed at exit)
 
 
-def _param_summary(trial_config: dict[str, Any]) -> str:
-    params = trial_params(trial_config)
+def _param_summary(params: dict[str, Any]) -> str:
+    """A trial's sampled values in one line (Tune's trial config holds only those)."""
     return " ".join(
         f"{_short(k)}={v:.4g}" if isinstance(v, float) else f"{_short(k)}={v}"
         for k, v in params.items()

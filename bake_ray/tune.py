@@ -38,7 +38,7 @@ from bake_ray.config import ConfigError
 from bake_ray.data import check_data_available, input_shape
 from bake_ray.models import check_model_available
 from bake_ray.ranking import TrialRow
-from bake_ray.raytrain import absolute_paths
+from bake_ray.raystart import TRAIN_DRIVER
 from bake_ray.summary import (
     _SCRATCH,
     _finish,
@@ -47,13 +47,7 @@ from bake_ray.summary import (
     format_table,
     optuna_space,
 )
-from bake_ray.trial import (
-    BASE_KEY,
-    TRAIN_STORAGE_KEY,
-    WORKER_GROUP_KEY,
-    WORKER_RESOURCES_KEY,
-    run_trial,
-)
+from bake_ray.trial import search_trainable, trial_base
 from bake_ray.tune_callbacks import (
     _STATUSES,
     _TRACKERS,
@@ -69,14 +63,6 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd comman
 
 
 # --------------------------------------------------------------------------- the Tuner
-
-
-def _trial_resources(space: ss.SearchSpace, has_driver_slot: bool) -> dict[str, float]:
-    """A one-worker trial holds its worker's resources; a multi-worker trial only drives."""
-    b = space.budget
-    if ss.trains_in_trial(b):
-        return {"CPU": b.cpus_per_worker, "GPU": b.gpus_per_worker}
-    return {"TRAIN_DRIVER": 1} if has_driver_slot else {"CPU": 0.01}
 
 
 def build_tuner(
@@ -109,20 +95,8 @@ def build_tuner(
             grace_period=space.scheduler.grace_period,
             reduction_factor=space.scheduler.reduction_factor,
         )
-    # trials run in their own directories: data and weights paths must not be relative
-    base = cfg.to_dict(absolute_paths(ss.trial_config(space, {})))
-    trainable = tune.with_resources(run_trial, _trial_resources(space, has_driver_slot))
     return tune.Tuner(
-        trainable,
-        param_space={
-            BASE_KEY: base,
-            TRAIN_STORAGE_KEY: f"{storage.rstrip('/')}/{name}/train_runs",
-            WORKER_GROUP_KEY: space.budget.always_use_worker_group,
-            WORKER_RESOURCES_KEY: {
-                "CPU": space.budget.cpus_per_worker,
-                "GPU": space.budget.gpus_per_worker,
-            },
-        },
+        search_trainable(space, f"{storage.rstrip('/')}/{name}", has_driver_slot),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
@@ -345,7 +319,7 @@ def _init_ray(address: str | None) -> tuple[capacity.Capacity, bool]:
     """Join or start Ray; returns its capacity (now, and at full scale when it autoscales)
     and whether a TRAIN_DRIVER slot exists."""
     cap = capacity.join(address)
-    return cap, "TRAIN_DRIVER" in cap.now
+    return cap, TRAIN_DRIVER in cap.now
 
 
 def run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
@@ -373,7 +347,7 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
         print(f"resuming search {p.name} from {exp_path}", flush=True)
         tuner = tune.Tuner.restore(
             exp_path,
-            trainable=tune.with_resources(run_trial, _trial_resources(p.space, driver_slot)),
+            trainable=search_trainable(p.space, exp_path, driver_slot),
             resume_unfinished=True,
             resume_errored=True,
         )
@@ -381,7 +355,7 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
         if resume:
             raise ConfigError(f"--resume: {exp_path} holds no restorable search")
         _log_search_setup(tracker, p, concurrency)
-        callback = MlflowTrialCallback(p.name, p.space.epochs, p.storage.rstrip("/") + "/" + p.name)
+        callback = MlflowTrialCallback(p.name, p.space.epochs, exp_path, trial_base(p.space))
         tuner = build_tuner(p.space, p.storage, p.name, concurrency, callback, driver_slot)
     print(
         f"search {p.name}: {p.space.budget.num_samples} trials, {concurrency} at a time, "

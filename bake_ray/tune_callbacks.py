@@ -85,10 +85,11 @@ class MlflowTrialCallback(tune.Callback):
     after a restore it is found again by search id in this process.
     """
 
-    def __init__(self, search_id: str, epochs: int, storage: str) -> None:
+    def __init__(self, search_id: str, epochs: int, storage: str, base: dict[str, Any]) -> None:
         self.search_id = search_id
         self.epochs = epochs
         self.storage = storage
+        self.base = base  # the trials' shared config (Tune's trial config holds the params)
 
     @property
     def tracker(self) -> tracking.SearchTracker:
@@ -100,7 +101,7 @@ class MlflowTrialCallback(tune.Callback):
         _STATUSES[self.search_id] = {t.trial_id: t.status for t in trials}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        config = cfg.to_dict(resolved_trial_config(trial.config))
+        config = cfg.to_dict(resolved_trial_config(self.base, trial.config))
         self.tracker.start_trial(trial.trial_id, config, run_name=f"trial-{trial.trial_id}")
 
     def on_trial_result(
