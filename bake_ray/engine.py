@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 from bake_ray import checkpoint as ckpt
 from bake_ray.bake import build_loss
 from bake_ray.config import Config, OptimConfig, to_dict
-from bake_ray.data import build_loaders, build_splits
+from bake_ray.data import build_splits
 from bake_ray.models import build_model, to_channels_last, wants_channels_last
+from bake_ray.sampler import build_loaders
 from bake_ray.weights import load_weights
 
 

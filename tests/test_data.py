@@ -20,7 +20,8 @@ from torchvision import datasets
 
 from bake_ray import data
 from bake_ray.config import ConfigError, DataConfig
-from bake_ray.data import ClassAwareBatchSampler, build_loaders, build_splits
+from bake_ray.data import build_splits
+from bake_ray.sampler import ClassAwareBatchSampler, build_loaders
 
 # --------------------------------------------------------------------------- sampler helpers
 
