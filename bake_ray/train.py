@@ -22,7 +22,7 @@ import torch
 from bake_ray import checkpoint as ckpt
 from bake_ray import config as cfg
 from bake_ray.config import Config, ConfigError
-from bake_ray.data import check_data_available, input_shape
+from bake_ray.datafiles import check_data_available, input_shape
 from bake_ray.engine import Context, DivergenceError, fit, lr_factor
 from bake_ray.models import check_model_available
 from bake_ray.rundir import append_metrics, atomic_copy, epochs_done, format_progress, save_best

@@ -29,7 +29,7 @@ from bake_ray import search_record as rec
 from bake_ray import search_space as ss
 from bake_ray import tracking
 from bake_ray.config import ConfigError
-from bake_ray.data import check_data_available, input_shape
+from bake_ray.datafiles import check_data_available, input_shape
 from bake_ray.models import check_model_available
 from bake_ray.search import SearchInterrupted, can_restore, hard_stop, run_search
 from bake_ray.summary import optuna_space  # noqa: F401  (tests and bench: tune.optuna_space)

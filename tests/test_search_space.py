@@ -114,7 +114,7 @@ def test_fashion_mnist_space_is_cpu_friendly() -> None:
 
 def test_fashion_mnist_space_finds_the_debian_package() -> None:
     """With data_dir null the CLI's data check accepts the Debian package's files."""
-    from bake_ray.data import DEBIAN_FASHION_MNIST_DIR, check_data_available
+    from bake_ray.datafiles import DEBIAN_FASHION_MNIST_DIR, check_data_available
 
     if not DEBIAN_FASHION_MNIST_DIR.is_dir():
         pytest.skip(missing("dataset-fashion-mnist", "Debian package not installed"))
