@@ -20,6 +20,9 @@ status in the internal KV and the v2 ``get_cluster_status`` list live nodes and 
 only. No monitor with a config means no autoscaler: the cluster is what is up now.
 
 This module imports Ray; :mod:`bake_ray.search_space` keeps the pure up-now arithmetic.
+It is a little over 400 lines on purpose: reading the autoscaler's node types, judging a
+budget against them and watching pending placement groups all work on the same
+:class:`Capacity` and :class:`Need`, and each reader is a few lines next to the rule it feeds.
 """
 
 from __future__ import annotations
