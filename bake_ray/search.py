@@ -28,13 +28,13 @@ from bake_ray import capacity, ranking, tracking
 from bake_ray import search_record as rec
 from bake_ray import search_space as ss
 from bake_ray.config import ConfigError
+from bake_ray.mlflow_runs import SearchTracker
 from bake_ray.ranking import TrialRow
 from bake_ray.raystart import TRAIN_DRIVER
 from bake_ray.summary import _SCRATCH, _finish, _log_search_setup, _row, format_table, optuna_space
 from bake_ray.trial import search_trainable, trial_base
 from bake_ray.tune_callbacks import (
     _STATUSES,
-    _TRACKERS,
     MlflowTrialCallback,
     ProgressCallback,
     _trial_dirname,
@@ -61,6 +61,7 @@ def build_tuner(
     has_driver_slot: bool,
 ) -> Any:
     """Tuner = OptunaSearch (seeded TPE, initial points first) + ASHA over epochs."""
+    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
     from bake_ray.asha import STATE_FILE as ASHA_STATE_FILE
@@ -98,7 +99,8 @@ def build_tuner(
             name=name,
             storage_path=storage,
             verbose=0,
-            callbacks=[callback, ProgressCallback(space.epochs)],
+            # result.json is what MLflow is re-synced from: kept even when auto loggers are off
+            callbacks=[callback, ProgressCallback(space.epochs), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
             ),
@@ -134,8 +136,7 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
     with ray_keeps_its_temp_files():
         cap, driver_slot = _init_ray(address)
     concurrency = capacity.search_concurrency(p.space, cap, driver_slot)
-    tracker = tracking.SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
-    _TRACKERS[p.name] = tracker
+    tracker = SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
     exp_path = p.exp_path
     record = _start_record(p, address)
     if resume and can_restore(exp_path):
@@ -150,7 +151,9 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
         if resume:
             raise ConfigError(f"--resume: {exp_path} holds no restorable search")
         _log_search_setup(tracker, p, concurrency)
-        callback = MlflowTrialCallback(p.name, p.space.epochs, exp_path, trial_base(p.space))
+        callback = MlflowTrialCallback(
+            p.space.name, p.name, p.tracking_uri, p.space.epochs, exp_path, trial_base(p.space)
+        )
         tuner = build_tuner(p.space, p.storage, p.name, concurrency, callback, driver_slot)
     print(
         f"search {p.name}: {p.space.budget.num_samples} trials, {concurrency} at a time, "
@@ -282,7 +285,7 @@ def _unfinished_trials(search_id: str) -> set[str]:
 
 
 def _finish_interrupted(
-    tracker: tracking.SearchTracker, p: Plan, results: Any, record: rec.SearchRecord
+    tracker: SearchTracker, p: Plan, results: Any, record: rec.SearchRecord
 ) -> None:
     """Table with the unfinished trials marked ``interrupted``; MLflow runs KILLED and tagged
     with the resume command; no best config (the search is not over)."""
@@ -295,9 +298,9 @@ def _finish_interrupted(
         print("\n" + format_table(rows) + "\n", flush=True)
     command = record.resume_command
     tracker.mark_interrupted(f"interrupted before the search finished; resume: {command}")
-    report = tracker.close_all("KILLED")
-    if not report.ok:
-        print(f"warning: MLflow is missing some writes: {report}", file=sys.stderr)
+    missing = tracker.close_all("KILLED")
+    if missing:
+        print(f"warning: MLflow is missing writes of: {', '.join(missing)}", file=sys.stderr)
     record.status = rec.INTERRUPTED
     rec.save(p.exp_path, record)
     not_started = p.space.budget.num_samples - len(rows)
@@ -313,8 +316,8 @@ def hard_stop(p: Plan, address: str | None) -> str:
     """A second Ctrl-C (or one before Tune ran): Tune's last per-step snapshot is what a
     resume starts from; MLflow and the record still say the search was interrupted."""
     command = p.record.resume_command if p.record else resume_command(p, address)
-    tracker = _TRACKERS.get(p.name)
-    if tracker is not None:
+    with contextlib.suppress(tracking.TrackingError):  # the runs are found by their tags
+        tracker = SearchTracker(p.space.name, p.name, p.tracking_uri)
         tracker.mark_interrupted(f"interrupted before the search finished; resume: {command}")
         tracker.close_all("KILLED")
     if p.record is not None and p.record.status == rec.RUNNING:

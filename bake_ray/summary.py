@@ -9,6 +9,8 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,9 @@ import optuna
 from bake_ray import config as cfg
 from bake_ray import ranking, tracking
 from bake_ray import search_space as ss
+from bake_ray.mlflow_runs import SearchTracker
 from bake_ray.ranking import TrialRow
+from bake_ray.tracking import RunStatus
 
 if TYPE_CHECKING:
     from bake_ray.tune import Plan
@@ -57,16 +61,44 @@ def optuna_space(space: ss.SearchSpace) -> dict[str, optuna.distributions.BaseDi
     return out
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended, in the one vocabulary the table, the progress lines and MLflow share.
+
+    ``word``: the table's status (finished, stopped, diverged, error; a search interrupted
+    mid-trial shows ``interrupted``); ``status``: its MLflow run status. A trial ASHA stopped
+    early did nothing wrong: its run is FINISHED, tagged ``bake_ray.stopped_early=asha``
+    with the epochs it ran. KILLED is kept for interrupted searches, FAILED for errors.
+    """
+
+    word: str
+    status: RunStatus
+    error: str | None = None
+    tags: dict[str, str] | None = None
+    label: str = "done"  # the driver's progress line
+
+
+def trial_outcome(result: Mapping[str, Any], epochs: int, error: str | None = None) -> Outcome:
+    """The outcome of a trial Tune ended, from its last result (``error``: Tune's, if any)."""
+    if error is not None:
+        return Outcome("error", "FAILED", error, label=f"error: {error}")
+    if result.get("diverged"):
+        reason = str(result.get("error", "training loss became non-finite"))
+        return Outcome("diverged", "FAILED", reason, label=f"failed: {reason}")
+    reached = int(result.get("epoch", 0))
+    if reached < epochs:
+        tags = {tracking.TAG_STOPPED_EARLY: "asha", tracking.TAG_EPOCHS_RUN: str(reached)}
+        label = f"stopped early by ASHA after epoch {reached}/{epochs}"
+        return Outcome("stopped", "FINISHED", None, tags, label)
+    return Outcome("finished", "FINISHED")
+
+
 def _row(result: Any, space: ss.SearchSpace) -> TrialRow:
     metrics = result.metrics or {}
     params = {d.key: result.config.get(d.key) for d in space.dimensions}
     epochs = int(metrics.get("epoch", 0))
-    if result.error is not None:
-        status = "error"
-    elif metrics.get("diverged"):
-        status = "diverged"
-    else:
-        status = "stopped" if epochs < space.epochs else "finished"
+    error = None if result.error is None else str(result.error)
+    status = trial_outcome(metrics, space.epochs, error).word
     return TrialRow(
         trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
         params=params,
@@ -173,7 +205,7 @@ def _scratch_dir(search_id: str, name: str) -> Path:
     return path
 
 
-def _log_search_setup(tracker: tracking.SearchTracker, p: Plan, concurrency: int) -> None:
+def _log_search_setup(tracker: SearchTracker, p: Plan, concurrency: int) -> None:
     b, s = p.space.budget, p.space.scheduler
     tracker.log_search_params(
         {
@@ -194,6 +226,7 @@ def _log_search_setup(tracker: tracking.SearchTracker, p: Plan, concurrency: int
     )
     if p.space.source is not None:
         tracker.log_search_artifact(p.space.source, "space")
+    tracker.save_runs_view([d.key for d in p.space.dimensions])
 
 
 def best_config(p: Plan, row: TrialRow) -> cfg.Config:
@@ -202,8 +235,10 @@ def best_config(p: Plan, row: TrialRow) -> cfg.Config:
     return ss.trial_config(p.space, row.params)
 
 
-def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str) -> None:
+def _finish(tracker: SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str) -> None:
     """Table, best config, summary artifacts and plots on the parent run; close every run."""
+    ui = tracking.ui_base(p.tracking_uri, p.joined)
+    view = tracking.runs_view_url(ui, tracker.experiment_id, p.name)
     table = "\n".join(
         line for line in (format_table(rows), ranking.tie_note(rows)) if line is not None
     )
@@ -225,8 +260,9 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
             cfg.to_dict(config),
             {"val_acc": best.best_val_acc, "test_acc": best.test_acc, **_best_metrics(best)},
         )
-        tracker.describe_search(ranking.describe(rows, _short), best.params)
-        tracker.log_study_plots(study_from_rows(rows, p.space))
+        description = ranking.describe(rows, _short)
+        tracker.describe_search(f"{description}\n\n[The trials, best first]({view})", best.params)
+        upload_study_plots(tracker, study_from_rows(rows, p.space), _scratch_dir(p.name, "optuna"))
         print(
             f"best trial {best.trial_id}: val {best.best_val_acc:.4f}"
             f"{_interval_text(best)}, test {best.test_acc:.4f}; "
@@ -234,12 +270,13 @@ def _finish(tracker: tracking.SearchTracker, p: Plan, rows: list[TrialRow], exp_
             f"  train it: {_train_hint(p, tracker, best_path, config.runtime.workers == 0)}"
         )
     tracker.end_orphaned_trials(row.trial_id for row in rows)
-    report = tracker.close_all()
-    if not report.ok:
-        print(f"warning: MLflow is missing some writes: {report}", file=sys.stderr)
+    missing = tracker.close_all()
+    if missing:
+        print(f"warning: MLflow is missing writes of: {', '.join(missing)}", file=sys.stderr)
     print(
         f"MLflow: experiment '{p.space.name}', parent run '{p.name}' at {p.tracking_uri}\n"
-        f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}",
+        f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}\n"
+        f"  its trials, searched params vs best_val_acc: {view}",
         flush=True,
     )
 
@@ -259,18 +296,19 @@ def _best_metrics(row: TrialRow) -> dict[str, float]:
     return {"val_acc_lo": low, "val_acc_hi": high, "val_n": float(row.val_n)}
 
 
-def _train_hint(p: Plan, tracker: tracking.SearchTracker, best_path: Path, in_process: bool) -> str:
+def _train_hint(p: Plan, tracker: SearchTracker, best_path: Path, in_process: bool) -> str:
     """How to train the winner from where the user is: on a cluster, a job whose config
     comes from MLflow (the search's files stay on the cluster) and that trains on a worker
     node (one Ray Train worker, not in the job's process on the head); here, this
-    interpreter."""
+    interpreter. Either way its MLflow run is a child of the search's parent run."""
+    mlflow = f"--tracking-uri {p.tracking_uri} --parent-run-id {tracker.parent_run_id}"
     if not p.joined:
-        return f"{_python()} -m bake_ray.train --config {best_path}"
+        return f"{_python()} -m bake_ray.train --config {best_path} {mlflow}"
     fetch = tracking.download_hint(p.tracking_uri, tracker.parent_run_id, "summary", best_path)
     config = best_path.name if fetch else best_path  # else: the storage is the cluster's own
     submit = (
         "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
-        f"python -m bake_ray.train --config {config}{' --workers 1' if in_process else ''}"
+        f"python -m bake_ray.train --config {config}{' --workers 1' if in_process else ''} {mlflow}"
     )
     return f"{fetch}, then\n    {submit}" if fetch else submit
 
@@ -289,6 +327,20 @@ def _best_config_path(exp_path: str) -> Path:
     if "://" in exp_path:
         return Path.cwd() / f"best_config-{Path(exp_path).name}.yaml"
     return Path(exp_path) / "best_config.yaml"
+
+
+def upload_study_plots(tracker: SearchTracker, study: optuna.Study, out_dir: Path) -> list[str]:
+    """Optuna's plots of the search, written to ``out_dir`` and uploaded to the parent run
+    under ``optuna/``; a plot skipped is explained there in ``notes.txt``. Returns the plot
+    file names."""
+    try:
+        written, notes = write_optuna_plots(study, out_dir)
+    except Exception as err:  # never crash the search for a plot
+        written, notes = [], [f"plots failed: {type(err).__name__}: {err}"]
+    if notes:
+        (out_dir / "notes.txt").write_text("\n".join(notes) + "\n")
+    tracker.log_search_artifacts(out_dir, "optuna")
+    return [path.name for path in written]
 
 
 def write_optuna_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[str]]:

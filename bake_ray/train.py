@@ -21,11 +21,13 @@ import torch
 
 from bake_ray import checkpoint as ckpt
 from bake_ray import config as cfg
+from bake_ray import train_tracking
 from bake_ray.config import Config, ConfigError
 from bake_ray.datafiles import check_data_available, input_shape
 from bake_ray.engine import Context, DivergenceError, fit, lr_factor
 from bake_ray.models import check_model_available
 from bake_ray.rundir import append_metrics, atomic_copy, epochs_done, format_progress, save_best
+from bake_ray.tracking import TrackingError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
@@ -108,6 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the extra epochs at its final lr (otherwise a changed epochs is refused)",
     )
     parser.add_argument("--address", help="Ray cluster address for --workers N (default: local)")
+    train_tracking.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -249,13 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             check_cluster_fits(config, args.address)
         run_dir = prepare_run_dir(config, args.resume)
-    except (ConfigError, ckpt.CheckpointError) as exc:
+        mlflow_run = train_tracking.TrainRun.open(args, config, run_dir)
+    except (ConfigError, ckpt.CheckpointError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"run directory: {run_dir}", flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        history = _run(config, run_dir, resume, args.address)
+        with mlflow_run:  # ends the MLflow run FINISHED, KILLED or FAILED
+            history = _run(config, run_dir, resume, args.address)
     except DivergenceError as err:
         print(f"error: diverged: {err}; lower optim.lr or check the data", file=sys.stderr)
         return 1

@@ -5,8 +5,8 @@ space file lists it) and ASHA over epochs. A one-worker trial trains inside its 
 process (no Ray Train worker group: ~2 s of overhead instead of ~20 s); a trial with several
 workers drives a ``TorchTrainer`` whose run name is the trial id, so a restarted trial
 resumes from its own checkpoints. All MLflow writes happen on the driver, in
-:class:`bake_ray.tune_callbacks.MlflowTrialCallback`, through
-:class:`bake_ray.tracking.SearchTracker`.
+:class:`bake_ray.tune_callbacks.MlflowTrialCallback` and the summary, through
+:class:`bake_ray.mlflow_runs.SearchTracker`.
 
 This module is the command line and the plan: everything checked before Ray starts.
 :mod:`bake_ray.search` runs the planned search.

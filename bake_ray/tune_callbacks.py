@@ -4,6 +4,9 @@ fetched (the callback uploads it when the trial ends)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,26 +14,17 @@ from typing import Any
 
 import pyarrow.fs
 from ray import tune
+from ray.air.constants import EXPR_RESULT_FILE as RESULT_FILE
 
 from bake_ray import config as cfg
 from bake_ray import tracking
 from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
-from bake_ray.summary import _SCRATCH, _param_summary, accuracy_interval
+from bake_ray.mlflow_runs import SearchTracker
+from bake_ray.summary import _SCRATCH, Outcome, _param_summary, accuracy_interval, trial_outcome
 from bake_ray.trial import resolved_trial_config
 
-_TRACKERS: dict[str, tracking.SearchTracker] = {}  # Tune unpickles callbacks on restore
-
-
 _STATUSES: dict[str, dict[str, str]] = {}  # search id -> Tune status of each trial, last step
-
-
-def _status_of(result: dict[str, Any], epochs: int) -> tuple[str, str | None]:
-    """MLflow status of a trial that Tune completed: diverged, stopped early, or finished."""
-    if result.get("diverged"):
-        return "FAILED", str(result.get("error", "training loss became non-finite"))
-    if int(result.get("epoch", 0)) < epochs:
-        return "KILLED", None
-    return "FINISHED", None
+log = logging.getLogger("bake_ray.tracking")
 
 
 class ProgressCallback(tune.Callback):
@@ -52,14 +46,12 @@ class ProgressCallback(tune.Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        status, error = _status_of(trial.last_result or {}, self.epochs)
-        label = {"KILLED": "stopped early by ASHA", "FAILED": f"failed: {error}"}.get(
-            status, "done"
-        )
-        print(f"trial {trial.trial_id}  {label}", flush=True)
+        outcome = trial_outcome(trial.last_result or {}, self.epochs)
+        print(f"trial {trial.trial_id}  {outcome.label}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"trial {trial.trial_id}  error: {_read_error(trial)}", flush=True)
+        outcome = trial_outcome(trial.last_result or {}, self.epochs, _read_error(trial))
+        print(f"trial {trial.trial_id}  {outcome.label}", flush=True)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -76,24 +68,71 @@ def _read_error(trial: Any) -> str:
     return lines[-1] if lines else "trial failed"
 
 
+def stored_results(trial: Any) -> list[dict[str, Any]]:
+    """Every result Tune stored for a trial (its ``result.json``, one JSON line per report,
+    kept across a driver restart): on the driver while the trial runs, in the experiment's
+    storage once synced. Unreadable lines are skipped."""
+    storage = getattr(trial, "storage", None)
+    places = [(pyarrow.fs.LocalFileSystem(), trial.local_path)]
+    if storage is not None:
+        places.append((storage.storage_filesystem, trial.path))
+    for fs, root in places:
+        try:
+            with fs.open_input_stream(f"{root}/{RESULT_FILE}") as handle:
+                text = handle.read().decode()
+        except (OSError, TypeError):
+            continue
+        rows = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+        return rows
+    return []
+
+
 class MlflowTrialCallback(tune.Callback):
     """Mirrors every trial into a nested MLflow run, from the driver only.
 
-    Metrics are logged with step = epoch; the run ends FINISHED, KILLED (ASHA stopped it)
-    or FAILED (error or divergence); the best checkpoint is uploaded when the trial ends.
-    The tracker is not pickled with the callback (Tune stores callbacks in tuner.pkl):
-    after a restore it is found again by search id in this process.
+    Live: each epoch's metrics (step = epoch) as Tune reports them. When a trial ends, and
+    for every trial when the search ends: the run is re-synced from Tune's stored results
+    (:func:`stored_results`), so what a failed live write missed is filled in. The run ends
+    FINISHED (tagged ``bake_ray.stopped_early`` when ASHA stopped it) or FAILED (error or
+    divergence); the best checkpoint is uploaded when the trial ends.
+
+    Picklable on its own (Tune stores callbacks in ``tuner.pkl`` and a restore unpickles
+    them): it holds names and the URI, and builds its MLflow tracker on first use.
     """
 
-    def __init__(self, search_id: str, epochs: int, storage: str, base: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        experiment: str,
+        search_id: str,
+        tracking_uri: str,
+        epochs: int,
+        storage: str,
+        base: dict[str, Any],
+    ) -> None:
+        self.experiment = experiment
         self.search_id = search_id
+        self.tracking_uri = tracking_uri
         self.epochs = epochs
         self.storage = storage
         self.base = base  # the trials' shared config (Tune's trial config holds the params)
+        self._tracker: SearchTracker | None = None
+        self._ends: dict[str, Outcome] = {}  # how each trial ended, as this driver saw it
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tracker": None, "_ends": {}}
 
     @property
-    def tracker(self) -> tracking.SearchTracker:
-        return _TRACKERS[self.search_id]
+    def tracker(self) -> SearchTracker | None:
+        """The search's tracker (its runs found again by tag); None while MLflow is away."""
+        if self._tracker is None:
+            try:
+                self._tracker = SearchTracker(self.experiment, self.search_id, self.tracking_uri)
+            except tracking.TrackingError as err:
+                log.warning("MLflow unavailable (%s); the runs are synced later", err)
+        return self._tracker
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Remember each trial's status: on an interrupt Tune stops the running trials and
@@ -101,33 +140,55 @@ class MlflowTrialCallback(tune.Callback):
         _STATUSES[self.search_id] = {t.trial_id: t.status for t in trials}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        config = cfg.to_dict(resolved_trial_config(self.base, trial.config))
-        self.tracker.start_trial(trial.trial_id, config, run_name=f"trial-{trial.trial_id}")
+        if self.tracker is not None:
+            config = cfg.to_dict(resolved_trial_config(self.base, trial.config))
+            self.tracker.start_trial(trial.trial_id, config, run_name=f"trial-{trial.trial_id}")
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        if "epoch" in result:
+        if "epoch" in result and self.tracker is not None:
             metrics = {**result, **accuracy_interval(result)}
             self.tracker.log_trial_metrics(trial.trial_id, metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        status, error = _status_of(trial.last_result or {}, self.epochs)
-        self._upload_best_checkpoint(trial)
-        self.tracker.end_trial(trial.trial_id, status, error)
+        self._end(trial, trial_outcome(trial.last_result or {}, self.epochs))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, trial_outcome(trial.last_result or {}, self.epochs, _read_error(trial)))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Re-sync every trial that reported (those of an earlier driver too) and report
+        what MLflow still lacks."""
+        for trial in trials:
+            if trial.last_result or trial.trial_id in self._ends:
+                self._sync(trial)
+        if self.tracker is not None:
+            self.tracker.incomplete()
+
+    def _end(self, trial: Any, outcome: Outcome) -> None:
+        self._ends[trial.trial_id] = outcome
+        self._sync(trial)
         self._upload_best_checkpoint(trial)
-        self.tracker.end_trial(trial.trial_id, "FAILED", _read_error(trial))
+
+    def _sync(self, trial: Any) -> None:
+        if self.tracker is None:
+            return
+        outcome = self._ends.get(trial.trial_id)
+        end = None if outcome is None else (outcome.status, outcome.error, outcome.tags)
+        history = [{**r, **accuracy_interval(r)} for r in stored_results(trial)]
+        config = cfg.to_dict(resolved_trial_config(self.base, trial.config))
+        self.tracker.sync_trial(trial.trial_id, config, history, end)
 
     def _upload_best_checkpoint(self, trial: Any) -> None:
+        if self.tracker is None:
+            return
         scratch = _SCRATCH.get(self.search_id)
         dest = None if scratch is None else scratch / f"best_{trial.trial_id}"
         local = best_checkpoint_dir(trial_checkpoint_roots(trial, self.storage), dest)
         if local is not None:
             self.tracker.log_trial_artifacts(trial.trial_id, local, "checkpoint")
-            if self.tracker.pending == 0:  # uploaded: a checkpoint copy per trial adds up
-                shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(local, ignore_errors=True)  # a checkpoint copy per trial adds up
 
 
 def trial_checkpoint_roots(trial: Any, storage: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 from system_packages import pytest_runtest_makereport  # noqa: F401  (the CI skip hook)
@@ -17,6 +18,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `python -m bake_ray.train` logs to MLflow (default ./mlflow.db): runs made in the test
+# process write to a scratch database instead of the checkout.
+os.environ.setdefault(
+    "MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='bake_ray_mlflow_')}/mlflow.db"
+)
 
 
 @pytest.fixture(scope="session")

@@ -155,8 +155,9 @@ def test_search_via_ray_job_submit_scales_up_and_its_hints_work(
     train_hint = lines[next(i for i, line in enumerate(lines) if "train it:" in line) + 1]
     assert train_hint.strip() == (
         "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
-        "python -m bake_ray.train --config best_config.yaml --workers 1"
-    )
+        "python -m bake_ray.train --config best_config.yaml --workers 1 "
+        f"--tracking-uri {mlflow_server} --parent-run-id "
+    ) + train_hint.strip().rsplit(" ", 1)[1]
     fetch = next(line for line in lines if "train it: curl -fo best_config.yaml " in line)
     url = fetch.split("'")[1]  # the user's tunnel is this test's direct route to the server
     local = tmp_path / "best_config.yaml"

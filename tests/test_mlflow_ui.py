@@ -148,7 +148,7 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
         pytest.skip(missing("chromium", f"{CHROMIUM} not found; apt-get install chromium"))
     from mlflow.tracking import MlflowClient
 
-    from bake_ray import tracking, tune, tune_callbacks
+    from bake_ray import tracking, tune
 
     suffix = uuid.uuid4().hex[:8]
     space_name, search_name = f"ui-compare-{suffix}", f"ui-search-{suffix}"
@@ -165,10 +165,11 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
     assert code == 0
 
     # What the server holds: two trial runs under the search's parent run.
-    tracker = tune_callbacks._TRACKERS[search_name]
     client = MlflowClient(tracking_uri=mlflow_server)
+    experiment_id = client.get_experiment_by_name(space_name).experiment_id
+    (parent,) = client.search_runs([experiment_id], f"tags.`{tracking.TAG_ROLE}` = 'search'")
     trials = client.search_runs(
-        [tracker.experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{tracker.parent_run_id}'"
+        [experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{parent.info.run_id}'"
     )
     assert len(trials) == 2
     expected = {run.info.run_id: run for run in trials}
@@ -178,7 +179,7 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
     points = [{p: run.data.params[p] for p in BAKE_PARAMS} for run in trials]
     assert PAPER_POINT in points, points  # the initial point ran, and reads as the paper's
 
-    url = tracker.compare_url()
+    url = tracking.compare_runs_url(mlflow_server, experiment_id, list(expected))
     assert url.startswith(f"{mlflow_server}/#/compare-runs?")
     shot = tmp_path / "mlflow_compare.png"
     rows: dict[str, list[str]] = {}
@@ -207,3 +208,21 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / "mlflow_compare.png")
+
+    # The runs table opened on the view the search stored: its trials, the searched params
+    # and best_val_acc with its interval as columns; other metrics are not shown.
+    view = tracking.runs_view_url(mlflow_server, experiment_id, search_name)
+    view_shot = tmp_path / "mlflow_runs_view.png"
+    names = [run.info.run_name for run in trials]
+    for attempt, budget_ms in enumerate((15000, 30000, 60000)):
+        dom, stderr = render(view, view_shot, tmp_path / f"chromium-view-{attempt}", budget_ms)
+        if all(name in dom for name in names) and "best_val_acc_hi" in dom:
+            break
+    else:
+        pytest.fail(f"the runs view never showed the trials and best_val_acc\n{stderr}")
+    assert "share key" not in dom  # the UI found the stored view
+    for column in ("omega", "lambda", "best_val_acc", "best_val_acc_lo"):
+        assert f">{column}<" in dom, column
+    for column in ("train_loss", "val_loss", "images_per_s"):
+        assert f">{column}<" not in dom, column
+    shutil.copyfile(view_shot, ARTIFACTS / "mlflow_runs_view.png")

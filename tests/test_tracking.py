@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,14 +18,14 @@ from mlflow.tracking import MlflowClient
 from reliability_helpers import TcpForwarder
 
 from bake_ray import tracking
-from bake_ray.summary import write_optuna_plots
+from bake_ray.mlflow_runs import SearchTracker
+from bake_ray.summary import upload_study_plots, write_optuna_plots
 from bake_ray.tracking import (
-    SearchTracker,
     TrackingError,
     check_tracking_reachable,
     config_params,
     default_artifact_location,
-    filter_metrics,
+    epoch_metrics,
     resolve_tracking_uri,
 )
 
@@ -100,7 +104,7 @@ def test_config_params_are_logged_once_with_readable_floats() -> None:
     }
 
 
-def test_filter_metrics_keeps_only_model_numbers() -> None:
+def test_epoch_metrics_keeps_only_the_engines_numbers() -> None:
     result = {
         "train_loss": 1.5, "val_acc": 0.9, "lr": 0.1, "images_per_s": 1e3, "epoch": 3,
         "pid": 123, "hostname": "h", "node_ip": "1.2.3.4", "time_this_iter_s": 1.0,
@@ -109,10 +113,10 @@ def test_filter_metrics_keeps_only_model_numbers() -> None:
         "config": {"bake": {"omega": 0.5}}, "config/bake/omega": 0.5,
         "nested": {"acc": 0.5}, "flag": True, "text": "x",
     }  # fmt: skip
-    assert filter_metrics(result) == {
+    assert epoch_metrics(result) == {
         "train_loss": 1.5, "val_acc": 0.9, "lr": 0.1, "images_per_s": 1e3, "epoch": 3.0,
-        "nested/acc": 0.5,
     }  # fmt: skip
+    assert epoch_metrics({"val_acc": True, "test_acc": "0.5"}) == {}
 
 
 def test_compare_url() -> None:
@@ -164,10 +168,12 @@ def test_sqlite_default_uri_artifact_location_and_plots(
     study.optimize(
         lambda t: t.suggest_float("T", 1, 8) - t.suggest_float("omega", 0, 0.9), n_trials=6
     )
-    with SearchTracker("sq", "search-1") as tracker:
-        assert tracker.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
-        names = tracker.log_study_plots(study)
-        run_id = tracker.parent_run_id
+    tracker = SearchTracker("sq", "search-1")
+    assert tracker.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "plots").mkdir()
+    names = upload_study_plots(tracker, study, tmp_path / "plots")
+    run_id = tracker.parent_run_id
+    assert tracker.close_all() == []
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment(tracker.experiment_id)
     assert experiment.artifact_location == (tmp_path / "mlartifacts" / "sq").as_uri()
@@ -220,8 +226,7 @@ def test_parent_child_nesting_params_metrics_and_statuses(
     summary.write_text("trial,val_acc\na,0.6\n")
     tracker.log_search_artifact(summary)
     tracker.log_best("a", CONFIG, {"val_acc": 0.6, "hostname": "h"})
-    report = tracker.close_all()
-    assert report.ok
+    assert tracker.close_all() == []
 
     client = MlflowClient(mlflow_server)
     parent = client.get_run(tracker.parent_run_id)
@@ -245,7 +250,6 @@ def test_parent_child_nesting_params_metrics_and_statuses(
     assert failed.startswith("Traceback: boom") and len(failed) <= tracking.MAX_ERROR_CHARS
     artifacts = client.list_artifacts(tracker.trial_run_id("a"), "checkpoint")
     assert [a.path for a in artifacts] == ["checkpoint/model.pt"]
-    assert "compare-runs" in tracker.compare_url()
 
 
 @pytest.mark.slow
@@ -254,7 +258,7 @@ def test_parent_description_and_winner_params(mlflow_server: str) -> None:
     tracker.log_search_params({"space": "digits", "epochs": 3})
     winner = {"bake.temperature": 2.718281828, "bake.omega": 0.5, "optim.lr": 0.0123456}
     tracker.describe_search("**Winner**: trial a", winner)
-    assert tracker.close_all().ok
+    assert tracker.close_all() == []
     parent = MlflowClient(mlflow_server).get_run(tracker.parent_run_id)
     assert parent.data.tags["mlflow.note.content"] == "**Winner**: trial a"
     params = parent.data.params
@@ -282,7 +286,7 @@ def test_resume_reopens_runs_without_duplicates(mlflow_server: str) -> None:
     second.start_trial("new", CONFIG)
     second.end_trial("a", "FINISHED")
     second.end_trial("new", "KILLED")
-    assert second.close_all().ok
+    assert second.close_all() == []
 
     client = MlflowClient(mlflow_server)
     runs = _runs(client, second.experiment_id)
@@ -312,53 +316,72 @@ def proxy(mlflow_server: str) -> Iterator[TcpForwarder]:
 
 
 @pytest.mark.slow
-def test_outage_buffers_writes_and_replays_them(proxy: TcpForwarder, tmp_path: Path) -> None:
+def test_outage_loses_nothing_once_the_trials_are_resynced(
+    proxy: TcpForwarder, tmp_path: Path
+) -> None:
     uri = f"http://127.0.0.1:{proxy.port}"
-    tracker = SearchTracker(_name(), "s-outage", uri, retry_interval_s=0, close_retry_wait_s=0)
+    tracker = SearchTracker(_name(), "s-outage", uri, quiet_s=0)
     tracker.start_trial("a", CONFIG)
     tracker.log_trial_metrics("a", {"val_acc": 0.0}, step=0)
 
-    proxy.stop()  # the server goes away mid-search: nothing raises, writes wait in memory
+    proxy.stop()  # the server goes away mid-search: nothing raises, the search goes on
     tracker.log_trial_metrics("a", {"val_acc": 0.1}, step=1)
     tracker.start_trial("b", CONFIG)  # even a run that does not exist yet
     tracker.log_trial_metrics("b", {"val_acc": 0.5}, step=0)
     tracker.log_trial_metrics("a", {"val_acc": 0.2}, step=2)
-    assert tracker.pending == 5 and tracker.trial_run_id("b") is None
+    assert tracker.trial_run_id("b") is None
 
-    proxy.start()  # the next call replays the buffer, in order
+    proxy.start()  # back: the live write goes through, the re-syncs fill in the rest
     tracker.log_trial_metrics("a", {"val_acc": 0.3}, step=3)
-    assert tracker.pending == 0
+    stored_a = [{"epoch": e, "val_acc": 0.1 * e, "pid": 1} for e in range(4)]  # Tune's copy
+    assert tracker.sync_trial("a", CONFIG, stored_a)
+    assert tracker.sync_trial("b", CONFIG, [{"epoch": 0, "val_acc": 0.5}])
     client = MlflowClient(uri)
     assert _steps(client, tracker.trial_run_id("a"), "val_acc") == [0, 1, 2, 3]
     assert _steps(client, tracker.trial_run_id("b"), "val_acc") == [0]
+    assert client.get_run(tracker.trial_run_id("b")).data.params["omega"] == "0.5"
 
-    # a hopeless write (the checkpoint vanished) is dropped, not retried for ever
-    tracker.log_trial_artifacts("b", tmp_path / "missing")
-    assert tracker.pending == 0
+    # a hopeless write (the checkpoint vanished) is reported, never retried
+    assert not tracker.log_trial_artifacts("b", tmp_path / "missing")
     tracker.end_trial("a")
-    report = tracker.close_all()
-    assert report.incomplete_runs == ["trial b"] and report.pending_ops == 0
+    assert tracker.close_all() == ["trial b"]
     assert client.get_run(tracker.trial_run_id("b")).data.tags["bake_ray.incomplete"] == "true"
     assert client.get_run(tracker.trial_run_id("a")).info.status == "FINISHED"
+    assert "bake_ray.incomplete" not in client.get_run(tracker.trial_run_id("a")).data.tags
+
+
+@pytest.mark.slow
+def test_resync_ends_a_trial_once_and_keeps_its_end_time(mlflow_server: str) -> None:
+    """A trial whose end was lost ends at the re-sync; a second re-sync changes nothing."""
+    tracker = SearchTracker(_name(), "s-resync", mlflow_server)
+    tracker.start_trial("a", CONFIG)
+    stored = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}]
+    stopped = ("FINISHED", None, {"bake_ray.stopped_early": "asha"})
+    assert tracker.sync_trial("a", CONFIG, stored, stopped)
+    client = MlflowClient(mlflow_server)
+    first = client.get_run(tracker.trial_run_id("a"))
+    assert first.info.status == "FINISHED" and first.data.tags["bake_ray.stopped_early"] == "asha"
+    assert tracker.sync_trial("a", CONFIG, stored, stopped)
+    again = client.get_run(tracker.trial_run_id("a"))
+    assert again.info.end_time == first.info.end_time
+    assert _steps(client, again.info.run_id, "val_acc") == [1, 2]
 
 
 @pytest.mark.slow
 def test_outage_until_the_end_is_reported(proxy: TcpForwarder) -> None:
     uri = f"http://127.0.0.1:{proxy.port}"
     name = _name()
-    tracker = SearchTracker(name, "s-down", uri, retry_interval_s=0, close_retry_wait_s=0)
+    tracker = SearchTracker(name, "s-down", uri, quiet_s=0)
     tracker.start_trial("a", CONFIG)
     proxy.stop()
     tracker.log_trial_metrics("a", {"val_acc": 0.5}, step=0)
-    report = tracker.close_all()
-    assert not report.ok and report.pending_ops == 4  # metrics + 3 run ends
-    assert report.incomplete_runs == ["search", "trial a"]
+    assert tracker.close_all() == ["search", "trial a"]
 
     # the next session of the same search (server back) closes what was left RUNNING
     proxy.start()
     again = SearchTracker(name, "s-down", uri)
     assert again.parent_run_id == tracker.parent_run_id
-    assert again.close_all("KILLED").ok
+    assert again.close_all("KILLED") == []
     runs = _runs(MlflowClient(uri), again.experiment_id)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
 
@@ -377,7 +400,7 @@ def test_trials_the_resumed_search_no_longer_has_end_killed_and_tagged(mlflow_se
         second.start_trial(trial_id, CONFIG)
         second.end_trial(trial_id, "FINISHED")
     second.end_orphaned_trials(["kept", "fresh"])
-    assert second.close_all().ok
+    assert second.close_all() == []
     client = MlflowClient(mlflow_server)
     runs = {
         r.data.tags[tracking.TAG_TRIAL_ID]: r
@@ -391,3 +414,71 @@ def test_trials_the_resumed_search_no_longer_has_end_killed_and_tagged(mlflow_se
     }
     assert "replaced it" in runs["forgotten"].data.tags[tracking.TAG_ORPHANED]
     assert _steps(client, runs["forgotten"].info.run_id, "val_acc") == [1]  # its data stay
+
+
+# --------------------------------------------------------------------------- train CLI
+
+
+def test_train_cli_logs_one_run_under_a_search(tmp_path: Path) -> None:
+    """``python -m bake_ray.train --parent-run-id``: one child run in the search's
+    experiment, its config as params, every epoch at step = epoch, the best checkpoint,
+    FINISHED. Every number the engine reports is a logged metric (none silently dropped)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    search = SearchTracker("retrain", "s-retrain", uri)
+    args = ["--set=epochs=2", "--set=optim.schedule=constant", "--set=data.train_subset=256",
+            "--set=data.batch_size=32", "--set=runtime.output_dir=out", "--set=runtime.run_name=r",
+            "--tracking-uri", uri, "--parent-run-id", search.parent_run_id]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bake_ray.train", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(
+        [search.experiment_id], f"tags.`mlflow.parentRunId` = '{search.parent_run_id}'"
+    )
+    assert run.info.status == "FINISHED" and run.info.run_name == "r"
+    assert run.data.params["T"] == "4.0" and run.data.params["epochs"] == "2"
+    assert _steps(client, run.info.run_id, "val_acc") == [1, 2]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
+        "checkpoint/checkpoint.pt"
+    ]
+    lines = (tmp_path / "out" / "r" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    reported = {k for row in rows for k, v in row.items() if isinstance(v, (int, float))}
+    assert reported <= set(tracking.EPOCH_METRICS), reported - set(tracking.EPOCH_METRICS)
+    assert set(run.data.metrics) == reported
+
+
+def test_trial_callback_pickles_without_its_client(tmp_path: Path) -> None:
+    """Tune stores callbacks in tuner.pkl: the MLflow callback travels as names and a URI,
+    and after a restore its tracker finds the same parent run again."""
+    import pickle
+
+    from bake_ray.tune_callbacks import MlflowTrialCallback
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = {"epochs": 3}  # the trials' shared config travels with the callback
+    callback = MlflowTrialCallback("pickled", "s-pickle", uri, 3, str(tmp_path / "storage"), base)
+    first = callback.tracker
+    assert first is not None
+    restored = pickle.loads(pickle.dumps(callback))
+    assert restored._tracker is None and restored.base == base
+    assert restored.tracker is not None and restored.tracker is not first
+    assert restored.tracker.parent_run_id == first.parent_run_id
+
+
+def test_trial_outcomes_share_one_vocabulary() -> None:
+    from bake_ray.summary import trial_outcome
+
+    done = trial_outcome({"epoch": 3}, 3)
+    assert (done.word, done.status, done.tags) == ("finished", "FINISHED", None)
+    stopped = trial_outcome({"epoch": 1}, 3)
+    assert (stopped.word, stopped.status) == ("stopped", "FINISHED")
+    assert stopped.tags == {"bake_ray.stopped_early": "asha", "bake_ray.epochs_run": "1"}
+    assert stopped.label == "stopped early by ASHA after epoch 1/3"
+    diverged = trial_outcome({"epoch": 1, "diverged": 1.0, "error": "nan"}, 3)
+    assert (diverged.word, diverged.status, diverged.error) == ("diverged", "FAILED", "nan")
+    error = trial_outcome({"epoch": 2}, 3, "boom")
+    assert (error.word, error.status, error.label) == ("error", "FAILED", "error: boom")
