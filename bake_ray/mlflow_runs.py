@@ -119,7 +119,6 @@ class SearchTracker:
         runs = self.client.search_runs(
             [self.experiment_id], query, max_results=1, order_by=["attributes.start_time ASC"]
         )
-        self.reopened = bool(runs)
         if not runs:
             tags = {tracking.TAG_SEARCH_ID: self.search_id, tracking.TAG_ROLE: tracking.ROLE_SEARCH}
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
@@ -333,7 +332,10 @@ class SearchTracker:
             self.client.log_artifacts(self._run_of(trial_id), str(local_dir), artifact_path)
 
         label = _label(trial_id)
-        return self._write(label, f"artifacts {label}", upload, repairable=False, live=False)
+        done = self._write(label, f"artifacts {label}", upload, repairable=False, live=False)
+        if done:  # an earlier, failed upload of the same files is made good
+            self._lost.discard(label)
+        return done
 
     def end_trial(
         self,
@@ -351,10 +353,6 @@ class SearchTracker:
             self._end(self._run_of(trial_id), status, error, tags)
 
         self._write(label, f"end {label}", end, repairable=True)
-
-    def trial_run_id(self, trial_id: str) -> str | None:
-        """The MLflow run id of a trial, once this tracker has found or created its run."""
-        return self._children.get(trial_id)
 
     # ------------------------------------------------------------------ the search (parent)
 

@@ -18,14 +18,13 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from bake_ray import config as cfg
 from bake_ray import tracking
+
+if TYPE_CHECKING:  # MLflow is imported when a run opens: train.py is imported by Ray
+    from mlflow.tracking import MlflowClient  # workers that never log (format_progress)
 
 log = logging.getLogger("bake_ray.tracking")
 SYNC_EVERY_S = 10.0
@@ -55,6 +54,10 @@ class TrainRun:
     def open(cls, args: argparse.Namespace, config: cfg.Config, run_dir: Path) -> TrainRun:
         """Create the run (or raise :class:`~bake_ray.tracking.TrackingError`, before any
         compute) and log the config; a resumed run folder continues its own run."""
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_tracking_reachable(uri)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "creating tables"
@@ -65,11 +68,12 @@ class TrainRun:
             )
             if client.get_run(run_id).info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
-            params = tracking.config_params(cfg.to_dict(config))
             known = client.get_run(run_id).data.params
-            for key, value in params.items():
-                if key not in known:
-                    client.log_param(run_id, key, value)
+            params = tracking.config_params(cfg.to_dict(config)).items()
+            new = [Param(k, v) for k, v in params if k not in known]
+            for start in range(0, len(new), tracking.MAX_PARAMS_PER_BATCH):
+                chunk = new[start : start + tracking.MAX_PARAMS_PER_BATCH]
+                client.log_batch(run_id, params=chunk, synchronous=True)
         except (MlflowException, OSError) as err:
             raise tracking.TrackingError(f"MLflow at {uri}: {tracking.first_line(err)}") from None
         (run_dir / RUN_ID_FILE).write_text(run_id + "\n")
@@ -103,14 +107,20 @@ class TrainRun:
             )
 
     def _follow(self) -> None:
+        warned = False  # one warning per outage
         while not self._stop.wait(SYNC_EVERY_S):
             try:
                 self.sync()
+                warned = False
             except Exception as err:
-                log.warning("MLflow sync failed (retried): %s", tracking.first_line(err))
+                if not warned:
+                    log.warning("MLflow sync failed (retried): %s", tracking.first_line(err))
+                warned = True
 
     def sync(self) -> None:
         """Log the epochs of ``metrics.jsonl`` the run does not hold yet (step = epoch)."""
+        from mlflow.entities import Metric
+
         if not self._logged:
             run = self.client.get_run(self.run_id)
             for key in run.data.metrics:
@@ -124,7 +134,11 @@ class TrainRun:
                     fresh.append(Metric(key, value, now, step))
         for start in range(0, len(fresh), tracking.MAX_METRICS_PER_BATCH):
             chunk = fresh[start : start + tracking.MAX_METRICS_PER_BATCH]
-            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception:
+                self._logged.clear()  # the server may hold it (a lost reply): read it again
+                raise
             self._logged |= {(m.key, m.step) for m in chunk}
 
 

@@ -120,9 +120,10 @@ class MlflowTrialCallback(tune.Callback):
         self.base = base  # the trials' shared config (Tune's trial config holds the params)
         self._tracker: SearchTracker | None = None
         self._ends: dict[str, Outcome] = {}  # how each trial ended, as this driver saw it
+        self._uploaded: set[str] = set()  # trials whose best checkpoint is in MLflow
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tracker": None, "_ends": {}}
+        return {**self.__dict__, "_tracker": None, "_ends": {}, "_uploaded": set()}
 
     @property
     def tracker(self) -> SearchTracker | None:
@@ -163,6 +164,8 @@ class MlflowTrialCallback(tune.Callback):
         for trial in trials:
             if trial.last_result or trial.trial_id in self._ends:
                 self._sync(trial)
+            if trial.trial_id in self._ends and trial.trial_id not in self._uploaded:
+                self._upload_best_checkpoint(trial)  # its upload failed when it ended
         if self.tracker is not None:
             self.tracker.incomplete()
 
@@ -187,7 +190,8 @@ class MlflowTrialCallback(tune.Callback):
         dest = None if scratch is None else scratch / f"best_{trial.trial_id}"
         local = best_checkpoint_dir(trial_checkpoint_roots(trial, self.storage), dest)
         if local is not None:
-            self.tracker.log_trial_artifacts(trial.trial_id, local, "checkpoint")
+            if self.tracker.log_trial_artifacts(trial.trial_id, local, "checkpoint"):
+                self._uploaded.add(trial.trial_id)
             shutil.rmtree(local, ignore_errors=True)  # a checkpoint copy per trial adds up
 
 

@@ -118,12 +118,9 @@ def test_sigint_mid_search_then_resume_matches_the_uninterrupted_search(tmp_path
     for trial_id in interrupted:
         assert cut_trials[trial_id].info.status == "KILLED", trial_id
         assert command in cut_trials[trial_id].data.tags["bake_ray.interrupted"]
-    for run in cut_trials.values():  # FINISHED: the last epoch reached, or stopped by ASHA
-        if run.info.status == "FINISHED" and "bake_ray.stopped_early" not in run.data.tags:
-            assert run.data.metrics["epoch"] == EPOCHS
-        elif run.info.status == "FINISHED":  # ASHA may stop a trial as the SIGINT arrives
-            assert run.data.tags["bake_ray.epochs_run"] == str(int(run.data.metrics["epoch"]))
-            assert run.data.metrics["epoch"] < EPOCHS
+    for run in cut_trials.values():  # FINISHED short of the last epoch: only if ASHA stopped it
+        if run.info.status == "FINISHED" and run.data.metrics["epoch"] != EPOCHS:
+            assert run.data.tags.get("bake_ray.stopped_early") == "asha", run.info.run_name
     assert len(table_rows(cli.stdout)) < SPACE["budget"]["num_samples"] or interrupted
 
     elsewhere = tmp_path / "elsewhere"  # no space file, no default experiment here

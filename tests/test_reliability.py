@@ -39,6 +39,7 @@ from reliability_helpers import (
     wait_for,
     write_space,
 )
+from tracking_helpers import trial_run_id
 
 from bake_ray import checkpoint as ckpt
 from bake_ray.mlflow_runs import SearchTracker
@@ -361,7 +362,7 @@ def test_mlflow_reply_lost_after_a_write_is_not_logged_twice(
     assert tracker.sync_trial("a", {"bake": {"omega": 0.5}}, stored, ("FINISHED", None, None))
     assert tracker.close_all() == []
     client = MlflowClient(mlflow_server)
-    assert _steps(client, tracker.trial_run_id("a")) == [1, 2, 3]
+    assert _steps(client, trial_run_id(tracker, "a")) == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------- disk

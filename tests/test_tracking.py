@@ -16,6 +16,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from reliability_helpers import TcpForwarder
+from tracking_helpers import trial_run_id
 
 from bake_ray import tracking
 from bake_ray.mlflow_runs import SearchTracker
@@ -236,7 +237,7 @@ def test_parent_child_nesting_params_metrics_and_statuses(
     assert parent.data.tags["best.T"] == "4.0" and parent.data.tags["best.trial_id"] == "a"
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["summary.csv"]
     for trial_id, status in statuses.items():
-        run = client.get_run(tracker.trial_run_id(trial_id))
+        run = client.get_run(trial_run_id(tracker, trial_id))
         tags = run.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["mlflow.runName"] == f"trial_{trial_id}"
@@ -246,9 +247,9 @@ def test_parent_child_nesting_params_metrics_and_statuses(
         assert "bake.omega" not in run.data.params
         assert set(run.data.metrics) == {"train_loss", "val_acc"}
         assert _steps(client, run.info.run_id, "val_acc") == [0, 1, 2]
-    failed = client.get_run(tracker.trial_run_id("c")).data.tags["bake_ray.error"]
+    failed = client.get_run(trial_run_id(tracker, "c")).data.tags["bake_ray.error"]
     assert failed.startswith("Traceback: boom") and len(failed) <= tracking.MAX_ERROR_CHARS
-    artifacts = client.list_artifacts(tracker.trial_run_id("a"), "checkpoint")
+    artifacts = client.list_artifacts(trial_run_id(tracker, "a"), "checkpoint")
     assert [a.path for a in artifacts] == ["checkpoint/model.pt"]
 
 
@@ -278,7 +279,7 @@ def test_resume_reopens_runs_without_duplicates(mlflow_server: str) -> None:
     # the driver "crashes": no close_all, so the parent and "stale" stay RUNNING
 
     second = SearchTracker(experiment, "s-resume", mlflow_server)
-    assert second.reopened and second.parent_run_id == first.parent_run_id
+    assert second.parent_run_id == first.parent_run_id  # the parent run was reopened
     changed = {**CONFIG, "optim": {"lr": 0.01, "milestones": [0.5, 0.75]}}
     second.start_trial("a", changed)  # a retried trial restarts from its epoch-1 checkpoint
     for epoch in range(1, 5):
@@ -292,14 +293,14 @@ def test_resume_reopens_runs_without_duplicates(mlflow_server: str) -> None:
     runs = _runs(client, second.experiment_id)
     assert len(runs) == 4  # one parent + a, stale, new: nothing duplicated
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    run_a = client.get_run(second.trial_run_id("a"))
-    assert run_a.info.run_id == first.trial_run_id("a")
+    run_a = client.get_run(trial_run_id(second, "a"))
+    assert run_a.info.run_id == trial_run_id(first, "a")
     assert _steps(client, run_a.info.run_id, "val_acc") == [0, 1, 2, 3, 4]
     assert _steps(client, run_a.info.run_id, "train_loss") == [1, 2, 3, 4]
     assert run_a.info.status == "FINISHED" and "bake_ray.error" not in run_a.data.tags
     assert run_a.data.params["optim.lr"] == "0.05"  # params are write-once in MLflow
     assert run_a.data.tags["bake_ray.param_conflicts"] == "optim.lr"
-    stale = client.get_run(first.trial_run_id("stale"))
+    stale = client.get_run(trial_run_id(first, "stale"))
     assert stale.info.status == "FINISHED"
     assert {r.data.tags.get("bake_ray.trial_id") for r in runs} == {None, "a", "stale", "new"}
 
@@ -329,25 +330,25 @@ def test_outage_loses_nothing_once_the_trials_are_resynced(
     tracker.start_trial("b", CONFIG)  # even a run that does not exist yet
     tracker.log_trial_metrics("b", {"val_acc": 0.5}, step=0)
     tracker.log_trial_metrics("a", {"val_acc": 0.2}, step=2)
-    assert tracker.trial_run_id("b") is None
 
     proxy.start()  # back: the live write goes through, the re-syncs fill in the rest
+    assert trial_run_id(tracker, "b") is None  # its run was never created
     tracker.log_trial_metrics("a", {"val_acc": 0.3}, step=3)
     stored_a = [{"epoch": e, "val_acc": 0.1 * e, "pid": 1} for e in range(4)]  # Tune's copy
     assert tracker.sync_trial("a", CONFIG, stored_a)
     assert tracker.sync_trial("b", CONFIG, [{"epoch": 0, "val_acc": 0.5}])
     client = MlflowClient(uri)
-    assert _steps(client, tracker.trial_run_id("a"), "val_acc") == [0, 1, 2, 3]
-    assert _steps(client, tracker.trial_run_id("b"), "val_acc") == [0]
-    assert client.get_run(tracker.trial_run_id("b")).data.params["omega"] == "0.5"
+    assert _steps(client, trial_run_id(tracker, "a"), "val_acc") == [0, 1, 2, 3]
+    assert _steps(client, trial_run_id(tracker, "b"), "val_acc") == [0]
+    assert client.get_run(trial_run_id(tracker, "b")).data.params["omega"] == "0.5"
 
     # a hopeless write (the checkpoint vanished) is reported, never retried
     assert not tracker.log_trial_artifacts("b", tmp_path / "missing")
     tracker.end_trial("a")
     assert tracker.close_all() == ["trial b"]
-    assert client.get_run(tracker.trial_run_id("b")).data.tags["bake_ray.incomplete"] == "true"
-    assert client.get_run(tracker.trial_run_id("a")).info.status == "FINISHED"
-    assert "bake_ray.incomplete" not in client.get_run(tracker.trial_run_id("a")).data.tags
+    assert client.get_run(trial_run_id(tracker, "b")).data.tags["bake_ray.incomplete"] == "true"
+    assert client.get_run(trial_run_id(tracker, "a")).info.status == "FINISHED"
+    assert "bake_ray.incomplete" not in client.get_run(trial_run_id(tracker, "a")).data.tags
 
 
 @pytest.mark.slow
@@ -359,10 +360,10 @@ def test_resync_ends_a_trial_once_and_keeps_its_end_time(mlflow_server: str) -> 
     stopped = ("FINISHED", None, {"bake_ray.stopped_early": "asha"})
     assert tracker.sync_trial("a", CONFIG, stored, stopped)
     client = MlflowClient(mlflow_server)
-    first = client.get_run(tracker.trial_run_id("a"))
+    first = client.get_run(trial_run_id(tracker, "a"))
     assert first.info.status == "FINISHED" and first.data.tags["bake_ray.stopped_early"] == "asha"
     assert tracker.sync_trial("a", CONFIG, stored, stopped)
-    again = client.get_run(tracker.trial_run_id("a"))
+    again = client.get_run(trial_run_id(tracker, "a"))
     assert again.info.end_time == first.info.end_time
     assert _steps(client, again.info.run_id, "val_acc") == [1, 2]
 
