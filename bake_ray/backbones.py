@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from bake_ray.errors import ConfigError
-from bake_ray.registry import split_name
 
 _PROBE_CLASSES = 3
 _PROBE_BATCH = 2
@@ -197,6 +196,16 @@ LIBRARY_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "timm": TimmBackbone,
     "torchvision": TorchvisionBackbone,
 }
+
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """``"timm/resnet18"`` -> ``("timm", "resnet18")``; any other name -> ``(None, name)``.
+
+    The same rule as :func:`bake_ray.registry.split_name`, which this module must not import:
+    the registry imports this one (lazily) to probe a library model.
+    """
+    library, sep, arch = name.partition("/")
+    return (library, arch) if sep and library in LIBRARY_BUILDERS else (None, name)
 
 
 def build_library_model(

@@ -20,6 +20,9 @@ status in the internal KV and the v2 ``get_cluster_status`` list live nodes and 
 only. No monitor with a config means no autoscaler: the cluster is what is up now.
 
 This module imports Ray; :mod:`bake_ray.search_space` keeps the pure up-now arithmetic.
+It is a little over 400 lines on purpose: reading the autoscaler's node types, judging a
+budget against them and watching pending placement groups all work on the same
+:class:`Capacity` and :class:`Need`, and each reader is a few lines next to the rule it feeds.
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ def search_concurrency(space: ss.SearchSpace, cap: Capacity, driver_slot: bool) 
         now = cap.now
         return ss.check_fits(space, now.get("CPU", 0.0), now.get("GPU", 0.0))
     per_worker = {"CPU": b.cpus_per_worker, "GPU": b.gpus_per_worker}
-    if b.workers_per_trial == 1 and not b.always_use_worker_group:
+    if ss.trains_in_trial(b):
         need = Need(1, per_worker)
     else:
         driver = {"TRAIN_DRIVER": 1.0} if driver_slot else {"CPU": 0.01}
@@ -231,7 +234,7 @@ def join(address: str | None) -> Capacity:
     """
     import logging
 
-    from bake_ray.raytrain import init_ray
+    from bake_ray.raystart import init_ray
 
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
     if joined:

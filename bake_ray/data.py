@@ -1,10 +1,4 @@
-"""Datasets, transforms, seeded splits, and BAKE's class-aware (distributed) batch sampler.
-
-BAKE only works if every mini-batch holds several images of the same class: an anchor image is
-followed by ``M = same_class`` other images of its class, so a batch of ``N = batch_size`` images
-holds ``N / (M + 1)`` anchors, as in the paper. :class:`ClassAwareBatchSampler` builds such
-batches, makes every training image an anchor once per epoch, and shards the anchors across
-data-parallel ranks with equal, full batches (the all-gather of global ensembling needs them).
+"""Datasets, transforms and seeded splits; the batches are :mod:`bake_ray.sampler`'s.
 
 All randomness that decides *which* images are used (test split of ``digits``, ``train_subset``,
 the validation split, the batches) comes from ``torch.Generator`` objects seeded from the run
@@ -16,40 +10,30 @@ No Ray and no MLflow here.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import math
-import os
-import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from bake_ray.config import ConfigError, DataConfig
+from bake_ray.datafiles import (
+    check_data_available,
+    cifar_root,
+    fashion_mnist_root,
+    image_size_of,
+)
 
 Transform = Callable[[Any], Any]
 
-#: Where Debian's ``dataset-fashion-mnist`` package installs the raw IDX files.
-DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-#: The four IDX files torchvision's FashionMNIST reader expects (uncompressed names).
-FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 #: ``digits`` has no official test split: this fixed seed makes the same one for every run.
 DIGITS_TEST_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
-#: Default training resolution for ``imagefolder`` when the images are large enough.
-IMAGEFOLDER_IMAGE_SIZE = 224
 #: Below this size ``imagefolder`` uses CIFAR-style crops instead of RandomResizedCrop.
 SMALL_IMAGE_SIZE = 128
 
@@ -73,7 +57,8 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _generator(*parts: object) -> torch.Generator:
+def make_rng(*parts: object) -> torch.Generator:
+    """A generator of its own for one purpose (a split, an epoch's batches, a loader)."""
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
@@ -186,13 +171,13 @@ def _train_val_indices(labels: Tensor, cfg: DataConfig, seed: int) -> tuple[Tens
     """
     pool = torch.arange(labels.numel())
     if cfg.train_subset is not None and cfg.train_subset < len(pool):
-        pool = stratified_sample(labels, cfg.train_subset, _generator(seed, "train_subset"))
+        pool = stratified_sample(labels, cfg.train_subset, make_rng(seed, "train_subset"))
     n_val = round(cfg.val_fraction * len(pool))
     if n_val >= len(pool):
         raise ConfigError(
             f"data.val_fraction: {cfg.val_fraction} leaves no training images out of {len(pool)}"
         )
-    val_pos = stratified_sample(labels[pool], n_val, _generator(seed, "val_split"))
+    val_pos = stratified_sample(labels[pool], n_val, make_rng(seed, "val_split"))
     return pool[_complement(len(pool), val_pos)], pool[val_pos]
 
 
@@ -200,7 +185,8 @@ def build_splits(cfg: DataConfig, seed: int, *, image_size: int | None = None) -
     """Load ``cfg.dataset`` and split it into train / val (held out of train) / test.
 
     ``image_size`` only matters for ``imagefolder`` (default: derived from the first training
-    image, at most :data:`IMAGEFOLDER_IMAGE_SIZE`); the other datasets have a fixed size.
+    image, at most :data:`bake_ray.datafiles.IMAGEFOLDER_IMAGE_SIZE`); the other datasets
+    have a fixed size.
     """
     check_data_available(cfg)
     source = _load_source(cfg, image_size)
@@ -244,7 +230,7 @@ def _digits() -> _Source:
     images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(raw.target, dtype=torch.long)
     n_test = round(DIGITS_TEST_FRACTION * len(labels))
-    test_idx = stratified_sample(labels, n_test, _generator(DIGITS_TEST_SEED, "digits_test"))
+    test_idx = stratified_sample(labels, n_test, make_rng(DIGITS_TEST_SEED, "digits_test"))
     pool_idx = _complement(len(labels), test_idx)
     normalize = transforms.Normalize(*_DIGITS_STATS)
     # A one-pixel shift is the only augmentation that suits 8x8 digits (no flips).
@@ -263,95 +249,6 @@ def _digits() -> _Source:
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
-
-
-def cache_dir() -> Path:
-    """Private, writable cache for bake-ray (``$BAKE_RAY_CACHE``, else ``~/.cache/bake_ray``)."""
-    if os.environ.get("BAKE_RAY_CACHE"):
-        return Path(os.environ["BAKE_RAY_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bake_ray"
-
-
-def _default_root() -> Path:
-    """Where torchvision downloads go when ``data.data_dir`` is null."""
-    return cache_dir() / "datasets"
-
-
-def _has_idx_files(folder: Path) -> bool:
-    return all(
-        (folder / name).is_file() or (folder / f"{name}.gz").is_file()
-        for name in FASHION_MNIST_FILES
-    )
-
-
-def _fashion_source_dir(cfg: DataConfig) -> Path | None:
-    """The folder holding the four IDX files (plain or .gz), or None."""
-    if cfg.data_dir is None:
-        candidates = [DEBIAN_FASHION_MNIST_DIR]
-    else:
-        root = Path(cfg.data_dir).expanduser()
-        candidates = [root, root / "FashionMNIST" / "raw"]
-    return next((c for c in candidates if _has_idx_files(c)), None)
-
-
-def _materialise_file(src_dir: Path, raw: Path, name: str) -> None:
-    """Make ``raw/name`` an uncompressed IDX file: a symlink, or a one-time decompression.
-
-    torchvision reads the uncompressed names with plain ``open``; Debian ships .gz files in
-    a read-only folder, hence the private copy. Written to a temporary name and renamed, so
-    concurrent workers on one host never see a half-written file.
-    """
-    target = raw / name
-    plain, packed = src_dir / name, src_dir / f"{name}.gz"
-    if plain.is_file():
-        if not target.exists():
-            tmp = raw / f".{name}.{os.getpid()}.link"
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(plain.resolve())
-            os.replace(tmp, target)
-        return
-    if target.is_file() and target.stat().st_mtime >= packed.stat().st_mtime:
-        return
-    tmp = raw / f".{name}.{os.getpid()}.tmp"
-    with gzip.open(packed, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, length=1 << 20)
-    os.replace(tmp, target)
-
-
-def fashion_mnist_root(cfg: DataConfig) -> Path:
-    """A torchvision root (``<root>/FashionMNIST/raw/<idx files>``) for ``cfg``.
-
-    A ``data_dir`` that already is a torchvision tree with uncompressed files is used as is;
-    otherwise the files found (Debian's, by default) are linked or decompressed into a
-    private root under :func:`cache_dir`, keyed by the source folder.
-    """
-    src = _fashion_source_dir(cfg)
-    if src is None:
-        if cfg.download:
-            return Path(cfg.data_dir).expanduser() if cfg.data_dir else _default_root()
-        raise ConfigError(_fashion_missing_message(cfg))
-    if src.parent.name == "FashionMNIST" and all((src / n).is_file() for n in FASHION_MNIST_FILES):
-        return src.parent.parent
-    key = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:12]
-    root = cache_dir() / "fashion_mnist" / key
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in FASHION_MNIST_FILES:
-        _materialise_file(src, raw, name)
-    return root
-
-
-def _fashion_missing_message(cfg: DataConfig) -> str:
-    where = (
-        f"data.data_dir={cfg.data_dir} (nor in its FashionMNIST/raw)"
-        if cfg.data_dir
-        else str(DEBIAN_FASHION_MNIST_DIR)
-    )
-    return (
-        f"data.dataset=fashion_mnist: IDX files not found in {where}; install the Debian "
-        "package dataset-fashion-mnist, set data.data_dir, or set data.download=true"
-    )
 
 
 def _fashion_mnist(cfg: DataConfig) -> _Source:
@@ -394,16 +291,6 @@ def _crop_flip_source(
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _cifar_root(cfg: DataConfig, cls: type[datasets.CIFAR10]) -> Path:
-    """``data_dir`` (or the default root); the batches folder itself is accepted too."""
-    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else _default_root()
-    return root.parent if root.name == cls.base_folder else root
-
-
-def _cifar_files(cls: type[datasets.CIFAR10]) -> list[str]:
-    return [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-
-
 def _cifar(
     cfg: DataConfig,
     cls: type[datasets.CIFAR10],
@@ -411,7 +298,7 @@ def _cifar(
     stats: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> _Source:
     """CIFAR-10/100 via torchvision (which verifies the md5 of every batch file)."""
-    root = str(_cifar_root(cfg, cls))
+    root = str(cifar_root(cfg, cls))
     pool = cls(root, train=True, download=cfg.download)
     test = cls(root, train=False, download=cfg.download)
     labels = torch.tensor(pool.targets, dtype=torch.long)
@@ -423,41 +310,7 @@ def _cifar(
 
 def _derive_image_size(folder: datasets.ImageFolder) -> int:
     """Never upsample by default: min(shorter side of the first image, 224)."""
-    return _image_size_of(folder.samples[0][0])
-
-
-def _image_size_of(path: str) -> int:
-    with Image.open(path) as image:
-        return min(IMAGEFOLDER_IMAGE_SIZE, *image.size)
-
-
-def _first_image(train_dir: Path) -> str:
-    """The file ``ImageFolder(train_dir).samples[0]`` names, without scanning every class."""
-    classes, _ = datasets.folder.find_classes(str(train_dir))
-    for name in classes:
-        found = datasets.folder.make_dataset(
-            str(train_dir), {name: 0}, extensions=datasets.folder.IMG_EXTENSIONS, allow_empty=True
-        )
-        if found:
-            return found[0][0]
-    raise ConfigError(f"data.data_dir: no images under {train_dir}")
-
-
-_FIXED_INPUT_SHAPES = {
-    "digits": (1, 8),
-    "fashion_mnist": (1, 28),
-    "cifar10": (3, 32),
-    "cifar100": (3, 32),
-}
-
-
-def input_shape(cfg: DataConfig) -> tuple[int, int]:
-    """(channels, side) of the images a model will see, for checks before any data loads
-    (the model's input shape, a weights file against it). Equal to what
-    :func:`build_splits` reports (tested); ImageFolder opens only its first image."""
-    if cfg.dataset in _FIXED_INPUT_SHAPES:
-        return _FIXED_INPUT_SHAPES[cfg.dataset]
-    return 3, _image_size_of(_first_image(Path(str(cfg.data_dir)).expanduser() / "train"))
+    return image_size_of(folder.samples[0][0])
 
 
 def imagefolder_transforms(size: int) -> tuple[Transform, Transform]:
@@ -506,286 +359,3 @@ def _imagefolder(cfg: DataConfig, image_size: int | None) -> _Source:
     )
 
 
-# --------------------------------------------------------------------------- availability
-
-
-def check_data_available(cfg: DataConfig) -> None:
-    """Raise a one-line :class:`ConfigError` if the data cannot be found; file checks only.
-
-    Runs before any compute (and before Ray starts workers) so a missing dataset fails fast.
-    With ``download=true`` missing torchvision files are fine: torchvision will fetch them.
-    """
-    checks: dict[str, Callable[[DataConfig], None]] = {
-        "digits": lambda c: None,  # ships with scikit-learn; data_dir is ignored
-        "fashion_mnist": _check_fashion_mnist,
-        "cifar10": lambda c: _check_cifar(c, datasets.CIFAR10),
-        "cifar100": lambda c: _check_cifar(c, datasets.CIFAR100),
-        "imagefolder": _check_imagefolder,
-    }
-    if cfg.dataset not in checks:
-        raise ConfigError(f"data.dataset: unknown {cfg.dataset!r}; one of {tuple(checks)}")
-    if cfg.data_dir is not None and cfg.dataset != "digits":
-        _check_data_dir(cfg.data_dir, may_be_created=cfg.download)
-    checks[cfg.dataset](cfg)
-
-
-def _check_data_dir(data_dir: str, may_be_created: bool) -> None:
-    path = Path(data_dir).expanduser()
-    if not path.exists() and not may_be_created:
-        raise ConfigError(f"data.data_dir: {data_dir} does not exist")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"data.data_dir: {data_dir} is not a directory")
-
-
-def _check_fashion_mnist(cfg: DataConfig) -> None:
-    if not cfg.download and _fashion_source_dir(cfg) is None:
-        raise ConfigError(_fashion_missing_message(cfg))
-
-
-def _check_cifar(cfg: DataConfig, cls: type[datasets.CIFAR10]) -> None:
-    if cfg.download:
-        return
-    folder = _cifar_root(cfg, cls) / cls.base_folder
-    missing = [name for name in _cifar_files(cls) if not (folder / name).is_file()]
-    if missing:
-        raise ConfigError(
-            f"data.dataset={cfg.dataset}: {', '.join(missing)} not found in {folder}; set "
-            f"data.data_dir to the folder that contains {cls.base_folder}/ or data.download=true"
-        )
-
-
-def _check_imagefolder(cfg: DataConfig) -> None:
-    if cfg.data_dir is None:
-        raise ConfigError("data.data_dir: required for data.dataset=imagefolder")
-    root = Path(cfg.data_dir).expanduser()
-    for part in ("train", "val"):
-        if not (root / part).is_dir():
-            raise ConfigError(
-                f"data.data_dir: {root / part} not found; imagefolder needs "
-                "<data_dir>/train/<class>/... and <data_dir>/val/<class>/..."
-            )
-    train, val = _class_folders(root / "train"), _class_folders(root / "val")
-    if train != val:
-        only = f"only in train: {_few(train - val)}; only in val: {_few(val - train)}"
-        raise ConfigError(
-            f"data.data_dir: class folders of {root / 'val'} differ from those of "
-            f"{root / 'train'} ({only})"
-        )
-
-
-def _class_folders(folder: Path) -> set[str]:
-    """Class names as ``ImageFolder`` finds them: the sub-folders (label i = i-th sorted)."""
-    return {entry.name for entry in os.scandir(folder) if entry.is_dir()}
-
-
-def _few(names: set[str], shown: int = 3) -> str:
-    """Up to ``shown`` names for a one-line message, then how many more."""
-    if not names:
-        return "none"
-    ordered = sorted(names)
-    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
-    return ", ".join(ordered[:shown]) + more
-
-
-# --------------------------------------------------------------------------- sampler
-
-
-def check_batch_shape(batch_size: int, same_class: int) -> int:
-    """Anchors per batch, ``N / (M + 1)``; a ConfigError if N is not a multiple of M + 1."""
-    if same_class < 0:
-        raise ConfigError(f"data.same_class: must be >= 0, got {same_class}")
-    if batch_size < 1 or batch_size % (same_class + 1):
-        raise ConfigError(
-            f"data.batch_size: {batch_size} must be a positive multiple of data.same_class + 1 "
-            f"= {same_class + 1}"
-        )
-    return batch_size // (same_class + 1)
-
-
-class ClassAwareBatchSampler(Sampler[list[int]]):
-    """Batches of ``batch_size`` indices: each anchor followed by ``same_class`` classmates.
-
-    Per epoch, all indices are shuffled with a generator seeded from (seed, epoch); this one
-    permutation (identical on every rank) is padded by wrapping around to its start, like
-    ``DistributedSampler``, until it fills ``world_size * len(self)`` full batches; rank ``r``
-    takes the ``r``-th contiguous slice. So ranks get disjoint anchors (apart from the
-    wrap-around padding), equal batch counts, and full batches; every image is an anchor at
-    least once per epoch, exactly once when the sizes divide.
-
-    The ``same_class`` partners of an anchor are drawn uniformly without replacement from the
-    other images of its class; from a class with too few others, all of them are used and
-    then repeated; an image alone in its class is repeated itself. ``same_class=0`` gives
-    plain shuffled batches.
-    """
-
-    def __init__(
-        self,
-        labels: Sequence[int] | Tensor,
-        batch_size: int,
-        same_class: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.anchors_per_batch = check_batch_shape(batch_size, same_class)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-        if self.labels.numel() == 0:
-            raise ValueError("ClassAwareBatchSampler needs at least one training image")
-        self.batch_size = batch_size
-        self.same_class = same_class
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self._by_class = torch.sort(self.labels, stable=True).indices
-        self._count = torch.bincount(self.labels)
-        self._start = torch.cumsum(self._count, 0) - self._count
-        position = torch.empty_like(self.labels)
-        position[self._by_class] = (
-            torch.arange(len(self.labels)) - self._start[self.labels[self._by_class]]
-        )
-        self._position = position  # rank of each image within its class
-
-    def __len__(self) -> int:
-        """Batches per rank per epoch (the same on every rank)."""
-        return math.ceil(len(self.labels) / (self.world_size * self.anchors_per_batch))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's shuffle; call before iterating, on every rank, with the same value."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = _generator(self.seed, "batches", self.epoch)
-        anchors = self._padded_permutation(generator)
-        partners = self._partners(anchors, generator)  # for all ranks: same RNG use everywhere
-        per_rank = len(anchors) // self.world_size
-        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        rows = torch.cat([anchors[mine, None], partners[mine]], dim=1)
-        yield from rows.reshape(-1, self.batch_size).tolist()
-
-    def _padded_permutation(self, generator: torch.Generator) -> Tensor:
-        n = len(self.labels)
-        perm = torch.randperm(n, generator=generator)
-        total = len(self) * self.world_size * self.anchors_per_batch
-        return perm.repeat(math.ceil(total / n))[:total]
-
-    def _partners(self, anchors: Tensor, generator: torch.Generator) -> Tensor:
-        """``[A, same_class]`` dataset indices of each anchor's classmates."""
-        m = self.same_class
-        cls = self.labels[anchors]
-        size = self._count[cls]
-        own = self._position[anchors]
-        offsets = own[:, None].repeat(1, m)  # singleton classes: the anchor itself
-        roomy = size - 1 >= m
-        if m and roomy.any():
-            offsets[roomy] = _distinct_offsets(own[roomy], size[roomy], m, generator)
-        for i in torch.nonzero(~roomy & (size > 1)).flatten().tolist():
-            offsets[i] = _cycled_offsets(int(own[i]), int(size[i]), m, generator)
-        return self._by_class[self._start[cls][:, None] + offsets]
-
-
-def _distinct_offsets(exclude: Tensor, size: Tensor, m: int, generator: torch.Generator) -> Tensor:
-    """Per row, ``m`` distinct uniform offsets in ``[0, size)`` avoiding ``exclude``.
-
-    Vectorised sequential sampling: the k-th draw picks the j-th value not yet taken, found by
-    stepping j over the taken values in ascending order. O(A * m^2), no per-class loops, so
-    it stays cheap for ImageNet-sized classes.
-    """
-    taken = exclude[:, None]
-    for k in range(m):
-        free = (size - 1 - k).double()
-        pick = (torch.rand(len(size), generator=generator, dtype=torch.float64) * free).long()
-        for column in torch.sort(taken, dim=1).values.unbind(1):
-            pick = pick + (pick >= column).long()
-        taken = torch.cat([taken, pick[:, None]], dim=1)
-    return taken[:, 1:]
-
-
-def _cycled_offsets(own: int, size: int, m: int, generator: torch.Generator) -> Tensor:
-    """All ``size - 1`` classmates in random order, repeated to length ``m`` (small classes)."""
-    others = torch.tensor([j for j in range(size) if j != own])
-    order = others[torch.randperm(len(others), generator=generator)]
-    return order.repeat(math.ceil(m / len(order)))[:m]
-
-
-# --------------------------------------------------------------------------- loaders
-
-
-@dataclass(frozen=True)
-class Loaders:
-    """The three loaders of a run; call :meth:`set_epoch` before each training epoch."""
-
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader
-    train_sampler: ClassAwareBatchSampler
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's batches and its augmentation seeds, from (seed, rank, epoch).
-
-        Loader worker processes seed their augmentation RNG from the loader's generator
-        when an epoch's iterator starts; reseeding it per epoch makes an epoch's
-        augmentations the same whether the run got there straight or through a resume.
-        Without worker processes augmentation uses this process's RNG instead, which
-        checkpoints save and restore.
-        """
-        self.train_sampler.set_epoch(epoch)
-        sampler = self.train_sampler
-        self.train.generator.manual_seed(derive_seed(sampler.seed, "loader", sampler.rank, epoch))
-
-
-def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
-    """Rank ``r``'s strided share ``r, r + W, ...`` of an eval set, without padding.
-
-    No padding, so summing (correct, count) over ranks gives the exact full-set accuracy.
-    """
-    if world_size == 1:
-        return dataset
-    return Subset(dataset, range(rank, len(dataset), world_size))
-
-
-def build_loaders(
-    splits: DataSplits,
-    cfg: DataConfig,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    *,
-    eval_shard: bool = False,
-) -> Loaders:
-    """Training loader with the class-aware sampler (sharded by rank), and eval loaders.
-
-    By default every rank evaluates the full val and test sets (simple, and identical numbers
-    on every rank). With ``eval_shard=True`` each rank gets a disjoint strided share and the
-    caller must sum (correct, count) across ranks.
-    """
-    sampler = ClassAwareBatchSampler(
-        splits.train_labels, cfg.batch_size, cfg.same_class, seed, rank, world_size
-    )
-    options: dict[str, Any] = {
-        "num_workers": cfg.loader_workers,
-        "pin_memory": torch.cuda.is_available(),
-        "persistent_workers": cfg.loader_workers > 0,
-    }
-    # Training workers start afresh each epoch, seeded by Loaders.set_epoch: persistent ones
-    # would carry their RNG across epochs, which a resumed run cannot reproduce.
-    train = DataLoader(
-        splits.train,
-        batch_sampler=sampler,
-        generator=_generator(seed, "loader", rank),
-        **{**options, "persistent_workers": False},
-    )
-
-    def evaluation(dataset: Dataset, name: str) -> DataLoader:
-        part = shard(dataset, rank, world_size) if eval_shard else dataset
-        return DataLoader(
-            part,
-            batch_size=cfg.batch_size,
-            shuffle=False,
-            generator=_generator(seed, name, rank),
-            **options,
-        )
-
-    return Loaders(train, evaluation(splits.val, "val"), evaluation(splits.test, "test"), sampler)

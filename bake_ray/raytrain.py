@@ -1,4 +1,4 @@
-"""Everything that touches Ray Train: reporters for workers and trials, and the worker group.
+"""Everything that touches Ray Train: the worker reporter and loop, and the worker group.
 
 The training loop itself is :func:`bake_ray.engine.fit`; this module only adapts where its
 metrics and checkpoints go. Ray must not replace the class-aware sampler, so loaders are
@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 import ray
 import ray.train
 from ray.train import (
@@ -36,8 +31,9 @@ from ray.train.torch import TorchTrainer, get_device
 from bake_ray import checkpoint as ckpt
 from bake_ray.config import Config, ConfigError, from_dict, to_dict
 from bake_ray.engine import Context, DivergenceError, diverged_metrics, fit
+from bake_ray.raystart import init_ray, ray_keeps_its_temp_files
+from bake_ray.rundir import append_metrics, format_progress, save_best
 
-_TRAIN_DRIVER = "TRAIN_DRIVER"
 _WORKER_LOG = logging.getLogger("bake_ray.worker")  # to the run's ray_train.log only
 
 
@@ -55,22 +51,20 @@ def absolute_paths(config: Config) -> Config:
     return dataclasses.replace(config, data=data, model=model, runtime=runtime)
 
 
-def _download(checkpoint: Checkpoint | None, scratch: contextlib.ExitStack) -> Path | None:
-    """The checkpoint file of a Ray checkpoint, readable locally.
+def local_checkpoint_file(
+    checkpoint: Checkpoint | None, scratch: contextlib.ExitStack
+) -> Path | None:
+    """The checkpoint file of a Ray checkpoint, readable locally until ``scratch`` closes.
 
-    A checkpoint on this machine's disk is read where it is (no copy); a remote one is
-    downloaded into a temporary folder that ``scratch`` removes when it closes.
+    ``Checkpoint.as_directory`` reads a checkpoint on this machine's disk where it is and
+    downloads a remote one into a temporary folder that it removes when the context ends.
     """
     if checkpoint is None:
         return None
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return Path(checkpoint.path) / ckpt.CHECKPOINT_FILE
-    local = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="bake_ray_resume_")))
-    checkpoint.to_directory(str(local))
-    return local / ckpt.CHECKPOINT_FILE
+    return Path(scratch.enter_context(checkpoint.as_directory())) / ckpt.CHECKPOINT_FILE
 
 
-class _ResumeScratch:
+class ResumeScratch:
     """Holds a downloaded resume checkpoint until the first report (the engine has loaded
     it by then), so no copy outlives the process that needed it."""
 
@@ -81,7 +75,7 @@ class _ResumeScratch:
         self._scratch.close()
 
 
-class RayTrainReporter(_ResumeScratch):
+class RayTrainReporter(ResumeScratch):
     """Reporter for a Ray Train worker: ``ray.train.report`` each epoch, resume from Ray.
 
     Progress lines, ``metrics.jsonl`` and ``best/`` are written once, on the controller, by
@@ -96,31 +90,13 @@ class RayTrainReporter(_ResumeScratch):
         self._done_loading()
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         if checkpoint_dir is not None:  # rank 0: which worker trained which epoch, in the log
-            from bake_ray.train import format_progress
-
             _WORKER_LOG.info(
                 "(RayTrainWorker pid=%d) %s", os.getpid(), format_progress(metrics, self.epochs)
             )
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def resume_from(self) -> Path | None:
-        return _download(ray.train.get_checkpoint(), self._scratch)
-
-
-class TuneReporter(_ResumeScratch):
-    """Reporter for a one-worker Tune trial that trains in the trial's own process."""
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        from ray import tune
-
-        self._done_loading()
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
-
-    def resume_from(self) -> Path | None:
-        from ray import tune
-
-        return _download(tune.get_checkpoint(), self._scratch)
+        return local_checkpoint_file(ray.train.get_checkpoint(), self._scratch)
 
 
 class RunDirCallback(UserCallback):
@@ -134,23 +110,15 @@ class RunDirCallback(UserCallback):
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None
     ) -> None:
-        from bake_ray.train import format_progress
-
         rank0 = metrics[0] if metrics else {}
         if "val_acc" not in rank0 or rank0.get("diverged"):
             return
         print(format_progress(rank0, self.epochs), flush=True)
         run_dir = Path(self.run_dir)
-        with (run_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(rank0) + "\n")
+        append_metrics(run_dir, rank0)
         if checkpoint is not None and rank0.get("best_epoch") == rank0.get("epoch"):
-            with contextlib.ExitStack() as scratch:
-                source = _download(checkpoint, scratch)
-                best = run_dir / "best" / ckpt.CHECKPOINT_FILE
-                best.parent.mkdir(parents=True, exist_ok=True)
-                partial = best.with_name(f".{best.name}.partial")
-                shutil.copyfile(str(source), partial)
-                partial.replace(best)  # a kill mid-copy leaves the previous best intact
+            with checkpoint.as_directory() as local:
+                save_best(Path(local) / ckpt.CHECKPOINT_FILE, run_dir)
 
 
 def quiet_checkpoint_logs() -> None:
@@ -229,63 +197,6 @@ def build_trainer(
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_ray(address: str | None, **kwargs: Any) -> None:
-    """Join ``address``/``RAY_ADDRESS`` if given, else start a local Ray with a driver slot.
-
-    A local Ray gets its own dashboard port, and its actors are told where that dashboard
-    is: otherwise Ray Train's placement-group cleaner fails with "multiple active Ray
-    instances" whenever another Ray runs on the host, and later trials wait for ever.
-    """
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-        return
-    port = _free_port()
-    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    ray.init(
-        resources={_TRAIN_DRIVER: 64},
-        dashboard_port=port,
-        runtime_env={"env_vars": env},
-        **kwargs,
-    )
-
-
-@contextlib.contextmanager
-def ray_keeps_its_temp_files() -> Iterator[None]:
-    """While a local Ray starts, its processes get Ray's own temp folder as ``TMPDIR``.
-
-    Ray's dashboard runs a multiprocessing forkserver whose socket folder (``pymp-*``) is
-    never removed when Ray stops; it then stays among Ray's session files (``/tmp/ray`` or
-    ``$RAY_TMPDIR``, which Ray never cleans either) instead of the user's ``TMPDIR``. This
-    process keeps its own ``TMPDIR``.
-    """
-    from ray._common.utils import get_default_ray_temp_dir, get_default_system_temp_dir
-
-    tempfile.gettempdir()  # fixes this process's own temp dir before the change below
-    changes = {"RAY_TMPDIR": get_default_system_temp_dir(), "TMPDIR": get_default_ray_temp_dir()}
-    os.makedirs(changes["TMPDIR"], exist_ok=True)
-    saved = {key: os.environ.get(key) for key in changes}
-    os.environ.update(changes)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def check_cluster_fits(config: Config, address: str | None) -> None:
     """Fail before compute if the worker group can never be placed (it would wait forever).
 
@@ -332,4 +243,4 @@ def run_workers(config: Config, run_dir: Path, address: str | None) -> list[dict
     if result.checkpoint is None or (result.metrics or {}).get("diverged"):
         return [result.metrics] if result.metrics else []
     with contextlib.ExitStack() as scratch:
-        return list(ckpt.load(_download(result.checkpoint, scratch)).get("history", []))
+        return list(ckpt.load(local_checkpoint_file(result.checkpoint, scratch)).get("history", []))

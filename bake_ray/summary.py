@@ -22,7 +22,6 @@ from bake_ray import search_space as ss
 from bake_ray.mlflow_runs import SearchTracker
 from bake_ray.ranking import TrialRow
 from bake_ray.tracking import RunStatus
-from bake_ray.trial import trial_params
 
 if TYPE_CHECKING:
     from bake_ray.tune import Plan
@@ -30,8 +29,8 @@ if TYPE_CHECKING:
 _SCRATCH: dict[str, Path] = {}  # search id -> this driver's temporary folder (removed at exit)
 
 
-def _param_summary(trial_config: dict[str, Any]) -> str:
-    params = trial_params(trial_config)
+def _param_summary(params: dict[str, Any]) -> str:
+    """A trial's sampled values in one line (Tune's trial config holds only those)."""
     return " ".join(
         f"{_short(k)}={v:.4g}" if isinstance(v, float) else f"{_short(k)}={v}"
         for k, v in params.items()
@@ -229,13 +228,9 @@ def _log_search_setup(tracker: SearchTracker, p: Plan, concurrency: int) -> None
 
 
 def best_config(p: Plan, row: TrialRow) -> cfg.Config:
-    """The winner as a training config: full epochs, and in-process when trials used 1 worker."""
-    config = ss.trial_config(p.space, row.params)
-    if p.space.budget.workers_per_trial == 1:
-        values = cfg.to_dict(config)
-        values["runtime"]["workers"] = 0
-        config = cfg.from_dict(values)
-    return config
+    """The winner as a training config: full epochs, and the trials' ``runtime.workers``
+    (0, in-process, when trials used one worker: the meaning ``train`` gives it too)."""
+    return ss.trial_config(p.space, row.params)
 
 
 def _finish(tracker: SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shutil
 import signal
 import sys
 import time
@@ -25,24 +23,14 @@ from bake_ray import checkpoint as ckpt
 from bake_ray import config as cfg
 from bake_ray import train_tracking
 from bake_ray.config import Config, ConfigError
-from bake_ray.data import check_data_available, input_shape
+from bake_ray.datafiles import check_data_available, input_shape
 from bake_ray.engine import Context, DivergenceError, fit, lr_factor
 from bake_ray.models import check_model_available
+from bake_ray.rundir import append_metrics, atomic_copy, epochs_done, format_progress, save_best
 from bake_ray.tracking import TrackingError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
-
-
-def format_progress(metrics: dict[str, float], epochs: int) -> str:
-    """One human line per epoch: loss parts, accuracies, learning rate, throughput."""
-    return (
-        f"epoch {int(metrics['epoch']):>3}/{epochs}  "
-        f"loss {metrics['train_loss']:.4f} (ce {metrics['train_ce']:.4f} "
-        f"kd {metrics['train_kd']:.4f})  val {metrics['val_acc']:.4f}  "
-        f"test {metrics['test_acc']:.4f}  lr {metrics['lr']:.4g}  "
-        f"{metrics['images_per_s']:.0f} img/s  {metrics['epoch_time_s']:.1f}s"
-    )
 
 
 @dataclass
@@ -71,25 +59,16 @@ class LocalReporter:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         print(format_progress(metrics, self.epochs), flush=True)
-        with (self.run_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        append_metrics(self.run_dir, metrics)
         if checkpoint_dir is None:
             return
         epoch = int(metrics["epoch"])
         source = checkpoint_dir / ckpt.CHECKPOINT_FILE
         target = ckpt.epoch_dir(self.run_dir / "checkpoints", epoch) / ckpt.CHECKPOINT_FILE
-        _atomic_copy(source, target)
+        atomic_copy(source, target)
         if metrics["best_epoch"] == epoch:
-            _atomic_copy(source, self.run_dir / "best" / ckpt.CHECKPOINT_FILE)
+            save_best(source, self.run_dir)
         ckpt.prune(self.run_dir / "checkpoints", self.keep)
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    """Copy next to the target, then rename: a kill mid-copy leaves the old file intact."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, partial)
-    partial.replace(target)
 
 
 def summary_line(history: list[dict[str, float]]) -> str:
@@ -301,18 +280,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def _interrupted_line(run_dir: Path, epochs: int) -> str:
     """One line: how far the run got and the command that continues it."""
-    done = 0
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-        done = int(json.loads(lines[-1])["epoch"]) if lines else 0
     return (
-        f"interrupted after epoch {done}/{epochs}; resume with: "
+        f"interrupted after epoch {epochs_done(run_dir)}/{epochs}; resume with: "
         f"python -m bake_ray.train --resume {run_dir}"
     )
 
 
 if __name__ == "__main__":
-    from bake_ray.train import main as _main  # importable objects, for Ray's pickling
-
-    sys.exit(_main())
+    # Nothing defined here is handed to Ray (worker loop and callbacks live in raytrain),
+    # so running this file as __main__ pickles no object by value.
+    sys.exit(main())

@@ -7,156 +7,37 @@ workers drives a ``TorchTrainer`` whose run name is the trial id, so a restarted
 resumes from its own checkpoints. All MLflow writes happen on the driver, in
 :class:`bake_ray.tune_callbacks.MlflowTrialCallback` and the summary, through
 :class:`bake_ray.mlflow_runs.SearchTracker`.
+
+This module is the command line and the plan: everything checked before Ray starts.
+:mod:`bake_ray.search` runs the planned search.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import os
-import shlex
-import signal
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import optuna
 import pyarrow.fs
-from ray import tune
 
-from bake_ray import capacity, ranking, tracking
 from bake_ray import config as cfg
 from bake_ray import search_record as rec
 from bake_ray import search_space as ss
+from bake_ray import tracking
 from bake_ray.config import ConfigError
-from bake_ray.data import check_data_available, input_shape
-from bake_ray.mlflow_runs import SearchTracker
+from bake_ray.datafiles import check_data_available, input_shape
 from bake_ray.models import check_model_available
-from bake_ray.ranking import TrialRow
-from bake_ray.raytrain import absolute_paths
-from bake_ray.summary import (
-    _SCRATCH,
-    _finish,
-    _log_search_setup,
-    _row,
-    format_table,
-    optuna_space,
-)
-from bake_ray.trial import (
-    BASE_KEY,
-    TRAIN_STORAGE_KEY,
-    WORKER_GROUP_KEY,
-    WORKER_RESOURCES_KEY,
-    run_trial,
-)
-from bake_ray.tune_callbacks import (
-    _STATUSES,
-    MlflowTrialCallback,
-    ProgressCallback,
-    _filesystem,
-    _trial_dirname,
-)
+from bake_ray.search import SearchInterrupted, can_restore, hard_stop, run_search
+from bake_ray.summary import optuna_space  # noqa: F401  (tests and bench: tune.optuna_space)
+from bake_ray.tune_callbacks import _filesystem
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
-
-
-# --------------------------------------------------------------------------- MLflow callback
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-# --------------------------------------------------------------------------- the Tuner
-
-
-def _trial_resources(space: ss.SearchSpace, has_driver_slot: bool) -> dict[str, float]:
-    """A one-worker trial holds its worker's resources; a multi-worker trial only drives."""
-    b = space.budget
-    if b.workers_per_trial == 1 and not b.always_use_worker_group:
-        return {"CPU": b.cpus_per_worker, "GPU": b.gpus_per_worker}
-    return {"TRAIN_DRIVER": 1} if has_driver_slot else {"CPU": 0.01}
-
-
-def build_tuner(
-    space: ss.SearchSpace,
-    storage: str,
-    name: str,
-    concurrency: int,
-    callback: MlflowTrialCallback,
-    has_driver_slot: bool,
-) -> Any:
-    """Tuner = OptunaSearch (seeded TPE, initial points first) + ASHA over epochs."""
-    from ray.tune.logger import JsonLoggerCallback
-    from ray.tune.search.optuna import OptunaSearch
-
-    from bake_ray.asha import STATE_FILE as ASHA_STATE_FILE
-    from bake_ray.asha import ResumableASHA
-
-    searcher = OptunaSearch(
-        optuna_space(space),
-        metric=space.metric,
-        mode=space.mode,
-        points_to_evaluate=[dict(p) for p in space.initial_points] or None,
-        sampler=optuna.samplers.TPESampler(seed=space.seed),
-    )
-    scheduler = None
-    if space.scheduler.type == "asha":
-        scheduler = ResumableASHA(
-            f"{storage.rstrip('/')}/{name}/{ASHA_STATE_FILE}",
-            time_attr="epoch",
-            max_t=space.epochs,
-            grace_period=space.scheduler.grace_period,
-            reduction_factor=space.scheduler.reduction_factor,
-        )
-    # trials run in their own directories: data and weights paths must not be relative
-    base = cfg.to_dict(absolute_paths(ss.trial_config(space, {})))
-    trainable = tune.with_resources(run_trial, _trial_resources(space, has_driver_slot))
-    return tune.Tuner(
-        trainable,
-        param_space={
-            BASE_KEY: base,
-            TRAIN_STORAGE_KEY: f"{storage.rstrip('/')}/{name}/train_runs",
-            WORKER_GROUP_KEY: space.budget.always_use_worker_group,
-            WORKER_RESOURCES_KEY: {
-                "CPU": space.budget.cpus_per_worker,
-                "GPU": space.budget.gpus_per_worker,
-            },
-        },
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            metric=space.metric,
-            mode=space.mode,
-            num_samples=space.budget.num_samples,
-            max_concurrent_trials=concurrency,
-            trial_dirname_creator=_trial_dirname,
-            reuse_actors=True,  # a finished trial's process (imports done) runs the next one
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            verbose=0,
-            # result.json is what MLflow is re-synced from: kept even when auto loggers are off
-            callbacks=[callback, ProgressCallback(space.epochs), JsonLoggerCallback()],
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
-            ),
-            failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
-        ),
-    )
-
-
-# --------------------------------------------------------------------------- results
-
 
 # --------------------------------------------------------------------------- CLI
 
@@ -212,10 +93,6 @@ def find_experiment(storage: str, space: ss.SearchSpace, name: str | None, resum
     if not mine:
         raise ConfigError(f"--resume: no earlier search named {space.name}-* under {storage}")
     return mine[-1]
-
-
-def _can_restore(path: str) -> bool:
-    return tune.Tuner.can_restore(path)
 
 
 @dataclass
@@ -289,7 +166,7 @@ def _plan_resume(args: argparse.Namespace, storage: str, overrides: list[str]) -
     """The search to resume, rebuilt from its stored record; conflicting flags refused."""
     if args.name:
         name = args.name
-        if not _can_restore(f"{storage.rstrip('/')}/{name}"):
+        if not can_restore(f"{storage.rstrip('/')}/{name}"):
             raise ConfigError(f"--resume: {storage.rstrip('/')}/{name} holds no restorable search")
         record = rec.load(f"{storage.rstrip('/')}/{name}")
     else:
@@ -299,7 +176,7 @@ def _plan_resume(args: argparse.Namespace, storage: str, overrides: list[str]) -
                 f"--resume: no unfinished search under {storage}; name one with --name"
             )
         name, record = found
-        if not _can_restore(f"{storage.rstrip('/')}/{name}"):
+        if not can_restore(f"{storage.rstrip('/')}/{name}"):
             raise ConfigError(f"--resume: {storage.rstrip('/')}/{name} holds no restorable search")
         print(
             f"resuming the newest unfinished search in {storage}: {name} "
@@ -352,207 +229,6 @@ def _check_fits_this_machine(space: ss.SearchSpace) -> None:
     if not ray.is_initialized():
         ss.check_fits(space, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
 
-
-def _init_ray(address: str | None) -> tuple[capacity.Capacity, bool]:
-    """Join or start Ray; returns its capacity (now, and at full scale when it autoscales)
-    and whether a TRAIN_DRIVER slot exists."""
-    cap = capacity.join(address)
-    return cap, "TRAIN_DRIVER" in cap.now
-
-
-def run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
-    """Run (or resume) the search and return its trials ranked by best validation accuracy.
-
-    Raises :class:`SearchInterrupted` after SIGINT/SIGTERM, once the trials are stopped, the
-    state is saved and MLflow says so.
-    """
-    with _scratch(p.name):
-        return _run_search(p, address, resume)
-
-
-def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
-    from bake_ray.raytrain import ray_keeps_its_temp_files
-
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # restorable state after each step
-    with ray_keeps_its_temp_files():
-        cap, driver_slot = _init_ray(address)
-    concurrency = capacity.search_concurrency(p.space, cap, driver_slot)
-    tracker = SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
-    exp_path = p.exp_path
-    record = _start_record(p, address)
-    if resume and _can_restore(exp_path):
-        print(f"resuming search {p.name} from {exp_path}", flush=True)
-        tuner = tune.Tuner.restore(
-            exp_path,
-            trainable=tune.with_resources(run_trial, _trial_resources(p.space, driver_slot)),
-            resume_unfinished=True,
-            resume_errored=True,
-        )
-    else:
-        if resume:
-            raise ConfigError(f"--resume: {exp_path} holds no restorable search")
-        _log_search_setup(tracker, p, concurrency)
-        callback = MlflowTrialCallback(
-            p.space.name, p.name, p.tracking_uri, p.space.epochs, p.exp_path
-        )
-        tuner = build_tuner(p.space, p.storage, p.name, concurrency, callback, driver_slot)
-    print(
-        f"search {p.name}: {p.space.budget.num_samples} trials, {concurrency} at a time, "
-        f"{p.space.epochs} epochs max; checkpoints in {exp_path}",
-        flush=True,
-    )
-    with _interruptible() as stop, capacity.watch_pending(cap.autoscaling):
-        results = tuner.fit()
-    if stop.is_set():
-        _finish_interrupted(tracker, p, results, record)
-    rows = ranking.rank([_row(r, p.space) for r in results])
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(_Tee(sys.stdout, summary)):
-        _finish(tracker, p, rows, exp_path)
-    record.status, record.result = rec.FINISHED, {"summary": summary.getvalue()}
-    rec.save(exp_path, record)
-    return rows
-
-
-# --------------------------------------------------------------------------- interruption
-
-
-class SearchInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the search; its state is saved and it can be resumed."""
-
-    def __init__(self, resume_command: str) -> None:
-        super().__init__(resume_command)
-        self.resume_command = resume_command
-
-
-class _Tee(io.TextIOBase):
-    """Writes to two streams: the terminal, and the copy kept as the search's result."""
-
-    def __init__(self, *streams: Any) -> None:
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
-
-
-@contextlib.contextmanager
-def _scratch(search_id: str) -> Iterator[Path]:
-    """This driver's temporary folder (best-checkpoint copies, summary files), always removed."""
-    with tempfile.TemporaryDirectory(prefix="bake_ray_search_") as tmp:
-        _SCRATCH[search_id] = Path(tmp)
-        try:
-            yield Path(tmp)
-        finally:
-            _SCRATCH.pop(search_id, None)
-
-
-class _DropTuneResumeHint(logging.Filter):
-    """Ray's own interrupt messages name ``Tuner.restore(...)``: bake-ray prints its command."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not ("Resume experiment with" in text or "Trials did not complete" in text)
-
-
-@contextlib.contextmanager
-def _interruptible() -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM once: ask Tune to stop gracefully (it saves the experiment state).
-    Twice: stop at once (KeyboardInterrupt); the state of the last step is on disk anyway.
-
-    Tune's graceful stop is wired to SIGUSR1 for as long as ``fit`` runs; before Tune has
-    installed it, a signal interrupts at once.
-    """
-    stop = threading.Event()
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would print Python, not bake-ray
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set() or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            stop.set()
-            raise KeyboardInterrupt
-        stop.set()
-        print(
-            f"\n{signal.Signals(signum).name}: stopping the trials and saving the search "
-            "state (again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    tune_log = logging.getLogger("ray.tune.tune")
-    hint = _DropTuneResumeHint()
-    tune_log.addFilter(hint)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        tune_log.removeFilter(hint)
-
-
-def resume_command(p: Plan, address: str | None) -> str:
-    """The bake-ray command that continues this search (the record holds everything else)."""
-    parts = ["python", "-m", "bake_ray.tune", "--resume", "--name", p.name, "--storage", p.storage]
-    if address:
-        parts += ["--address", address]
-    return shlex.join(parts)
-
-
-def _start_record(p: Plan, address: str | None) -> rec.SearchRecord:
-    """Store what this search is before it runs, so any later ``--resume`` can rebuild it."""
-    record = p.record or rec.SearchRecord(
-        name=p.name,
-        experiment=p.space.name,
-        tracking_uri=p.tracking_uri,
-        space_file=str(p.space.source.resolve()) if p.space.source else None,
-        space=rec.resolved_raw(p.space),
-    )
-    record.status, record.resume_command = rec.RUNNING, resume_command(p, address)
-    rec.save(p.exp_path, record)
-    p.record = record
-    return record
-
-
-def _unfinished_trials(search_id: str) -> set[str]:
-    """Trials Tune had not ended at its last step before the stop."""
-    statuses = _STATUSES.get(search_id, {})
-    return {t for t, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
-
-
-def _finish_interrupted(
-    tracker: SearchTracker, p: Plan, results: Any, record: rec.SearchRecord
-) -> None:
-    """Table with the unfinished trials marked ``interrupted``; MLflow runs KILLED and tagged
-    with the resume command; no best config (the search is not over)."""
-    unfinished = _unfinished_trials(p.name)
-    rows = ranking.rank([_row(r, p.space) for r in results])
-    for row in rows:
-        if row.trial_id in unfinished:
-            row.status = "interrupted"
-    if rows:
-        print("\n" + format_table(rows) + "\n", flush=True)
-    command = record.resume_command
-    tracker.mark_interrupted(f"interrupted before the search finished; resume: {command}")
-    missing = tracker.close_all("KILLED")
-    if missing:
-        print(f"warning: MLflow is missing writes of: {', '.join(missing)}", file=sys.stderr)
-    record.status = rec.INTERRUPTED
-    rec.save(p.exp_path, record)
-    not_started = p.space.budget.num_samples - len(rows)
-    print(
-        f"search {p.name} interrupted: {len(unfinished)} trial(s) unfinished, "
-        f"{not_started} not started; no best config written; state saved in {p.exp_path}",
-        flush=True,
-    )
-    raise SearchInterrupted(command)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -571,25 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted; resume with: {stop.resume_command}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        command = _hard_stop(p, args.address)
+        command = hard_stop(p, args.address)
         print(f"interrupted; resume with: {command}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return 0 if any(r.status != "error" for r in rows) else 1
-
-
-def _hard_stop(p: Plan, address: str | None) -> str:
-    """A second Ctrl-C (or one before Tune ran): Tune's last per-step snapshot is what a
-    resume starts from; MLflow and the record still say the search was interrupted."""
-    command = p.record.resume_command if p.record else resume_command(p, address)
-    with contextlib.suppress(tracking.TrackingError):  # the runs are found by their tags
-        tracker = SearchTracker(p.space.name, p.name, p.tracking_uri)
-        tracker.mark_interrupted(f"interrupted before the search finished; resume: {command}")
-        tracker.close_all("KILLED")
-    if p.record is not None and p.record.status == rec.RUNNING:
-        p.record.status = rec.INTERRUPTED
-        rec.save(p.exp_path, p.record)
-    return command
-
 
 def _show_finished(p: Plan) -> int:
     """A finished search is only shown: no Ray, no MLflow write, no file touched."""
@@ -600,8 +261,7 @@ def _show_finished(p: Plan) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module's main: Tune pickles trainables and callbacks, and objects
-    # defined in __main__ would be pickled by value along with the driver's live state.
-    from bake_ray.tune import main as _main
-
-    sys.exit(_main())
+    # Nothing this file defines is handed to Ray: the trainable (trial.py), the callbacks
+    # (tune_callbacks.py) and the scheduler (asha.py) are importable by module name, so
+    # running this file as __main__ pickles no object of it by value.
+    sys.exit(main())

@@ -104,13 +104,20 @@ class MlflowTrialCallback(tune.Callback):
     """
 
     def __init__(
-        self, experiment: str, search_id: str, tracking_uri: str, epochs: int, storage: str
+        self,
+        experiment: str,
+        search_id: str,
+        tracking_uri: str,
+        epochs: int,
+        storage: str,
+        base: dict[str, Any],
     ) -> None:
         self.experiment = experiment
         self.search_id = search_id
         self.tracking_uri = tracking_uri
         self.epochs = epochs
         self.storage = storage
+        self.base = base  # the trials' shared config (Tune's trial config holds the params)
         self._tracker: SearchTracker | None = None
         self._ends: dict[str, Outcome] = {}  # how each trial ended, as this driver saw it
         self._uploaded: set[str] = set()  # trials whose best checkpoint is in MLflow
@@ -135,7 +142,7 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.tracker is not None:
-            config = cfg.to_dict(resolved_trial_config(trial.config))
+            config = cfg.to_dict(resolved_trial_config(self.base, trial.config))
             self.tracker.start_trial(trial.trial_id, config, run_name=f"trial-{trial.trial_id}")
 
     def on_trial_result(
@@ -173,7 +180,7 @@ class MlflowTrialCallback(tune.Callback):
         outcome = self._ends.get(trial.trial_id)
         end = None if outcome is None else (outcome.status, outcome.error, outcome.tags)
         history = [{**r, **accuracy_interval(r)} for r in stored_results(trial)]
-        config = cfg.to_dict(resolved_trial_config(trial.config))
+        config = cfg.to_dict(resolved_trial_config(self.base, trial.config))
         self.tracker.sync_trial(trial.trial_id, config, history, end)
 
     def _upload_best_checkpoint(self, trial: Any) -> None:

@@ -296,7 +296,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     """Start bake-ray's local Ray unless one is running already (the tests' fixture)."""
     import ray
 
-    from bake_ray.raytrain import init_ray
+    from bake_ray.raystart import init_ray
 
     started = not ray.is_initialized()
     if started:

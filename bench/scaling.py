@@ -36,7 +36,8 @@ import torch
 from bake_ray import checkpoint as ckpt
 from bake_ray.config import Config, from_dict
 from bake_ray.engine import Context, fit
-from bake_ray.raytrain import absolute_paths, build_trainer, init_ray
+from bake_ray.raystart import init_ray
+from bake_ray.raytrain import absolute_paths, build_trainer
 from bench.common import (
     add_output_args,
     command_line,
@@ -167,7 +168,7 @@ def ray_worker_threads() -> int:
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int, needed: bool) -> Iterator[None]:
-    """Start a local Ray (``raytrain.init_ray``) unless one runs already (tests' fixture)."""
+    """Start a local Ray (``raystart.init_ray``) unless one runs already (tests' fixture)."""
     if not needed:
         yield
         return
@@ -253,7 +254,7 @@ def build_report(
             f"`{args.model}` on `{args.dataset}` ({subset}), method bake, per-worker batch "
             f"{args.batch}, {args.epochs} epochs (first excluded), "
             f"{args.max_steps or 'all'} steps/epoch, {args.rounds} round(s), variants run in "
-            f"rotating order. Ray: local, {args.num_cpus} CPUs (`raytrain.init_ray`); torch "
+            f"rotating order. Ray: local, {args.num_cpus} CPUs (`raystart.init_ray`); torch "
             f"threads in a 1-CPU Ray worker: {threads}.\n",
             format_table(
                 ["variant", "what", "images/s", "rounds (min-max)", "ratio to local"], rows

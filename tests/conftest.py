@@ -31,9 +31,10 @@ def ray_local():
     TRAIN_DRIVER resource for trials that only drive a Ray Train worker group."""
     import ray
 
-    from bake_ray.raytrain import init_ray
+    from bake_ray.raystart import init_ray, ray_keeps_its_temp_files
 
-    init_ray(None, num_cpus=2)
+    with ray_keeps_its_temp_files():  # Ray's own pymp-* folders: in Ray's temp dir, not /tmp
+        init_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # the minimum is 75 MiB; 30% of RAM per node is waste
 
@@ -379,3 +381,33 @@ class AutoscalingCluster(LocalCluster):
         super().shutdown()
         if hasattr(self, "config_path"):
             self.config_path.unlink(missing_ok=True)
+
+
+def write_digits_space(
+    path: Path, name: str, epochs: int, train_subset: int, budget: dict[str, Any]
+) -> Path:
+    """A small BAKE search on digits for the cluster tests: temperature searched, seeded,
+    no early stopping; ``budget`` decides how trials are placed."""
+    space = {
+        "name": name,
+        "base": {
+            "method": "bake",
+            "epochs": epochs,
+            "seed": 0,
+            "data": {
+                "dataset": "digits",
+                "batch_size": 32,
+                "same_class": 1,
+                "train_subset": train_subset,
+            },
+            "model": {"name": "small_cnn"},
+            "optim": {"lr": 0.05, "schedule": "constant"},
+        },
+        "space": {"bake.temperature": {"distribution": "uniform", "low": 2.0, "high": 6.0}},
+        "objective": {"metric": "val_acc", "mode": "max"},
+        "budget": budget,
+        "scheduler": {"type": "none"},
+        "seed": 0,
+    }
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path

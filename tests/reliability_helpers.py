@@ -140,8 +140,15 @@ class Cli:
 def start_cli(entry: str, args: Sequence[str], cwd: Path, logs: Path, tag: str, **env: str) -> Cli:
     """Start ``python -m bake_ray.<entry> args`` in ``cwd``; logs go to ``logs/<tag>.*``.
 
-    ``env`` adds to the child's environment (e.g. ``TMPDIR``)."""
+    ``env`` adds to the child's environment. Unless it says otherwise, the child's
+    ``TMPDIR`` is ``logs/tmp``: a child SIGKILLed mid-run leaves its scratch folders
+    (``bake_ray_search_*``) in the test's own folder, not in /tmp. Ray's session files stay
+    where they were (``RAY_TMPDIR``): its socket paths must stay short."""
     logs.mkdir(parents=True, exist_ok=True)
+    if "TMPDIR" not in env:
+        (logs / "tmp").mkdir(exist_ok=True)
+        env = {"TMPDIR": str(logs / "tmp"), **env}
+    env.setdefault("RAY_TMPDIR", os.environ.get("RAY_TMPDIR", "/tmp/ray"))
     out, err = logs / f"{tag}.out", logs / f"{tag}.err"
     with out.open("wb") as o, err.open("wb") as e:
         proc = subprocess.Popen(
@@ -301,3 +308,18 @@ class TcpForwarder:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+def committed_epoch(run: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has committed (0 if none yet).
+
+    A ``checkpoint_*`` folder appears while rank 0's report is still being persisted; only
+    once the controller registers it (and rewrites this snapshot) will a restarted worker
+    group resume from it. Before that, a restart rightly begins from the previous one.
+    """
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))

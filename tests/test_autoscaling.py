@@ -20,9 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
-from multinode_helpers import RAY, AutoscalingCluster, wait_for
+from multinode_helpers import RAY, AutoscalingCluster, wait_for, write_digits_space
 from test_multinode import search_runs
 
 from bake_ray import config as cfg
@@ -64,29 +63,13 @@ def from_zero(cluster: AutoscalingCluster) -> Iterator[set[str]]:
 
 def write_space(path: Path, name: str, samples: int, gpus_per_worker: float = 0) -> Path:
     """A tiny BAKE search on digits: one-worker trials of 1 CPU, as many at once as fit."""
-    space = {
-        "name": name,
-        "base": {
-            "method": "bake",
-            "epochs": 2,
-            "seed": 0,
-            "data": {"dataset": "digits", "batch_size": 32, "same_class": 1, "train_subset": 200},
-            "model": {"name": "small_cnn"},
-            "optim": {"lr": 0.05, "schedule": "constant"},
-        },
-        "space": {"bake.temperature": {"distribution": "uniform", "low": 2.0, "high": 6.0}},
-        "objective": {"metric": "val_acc", "mode": "max"},
-        "budget": {
-            "num_samples": samples,
-            "max_concurrent": 0,  # fill the cluster: at full scale, not the 0 CPUs up now
-            "cpus_per_worker": 1,
-            "gpus_per_worker": gpus_per_worker,
-        },
-        "scheduler": {"type": "none"},
-        "seed": 0,
+    budget = {
+        "num_samples": samples,
+        "max_concurrent": 0,  # fill the cluster: at full scale, not the 0 CPUs up now
+        "cpus_per_worker": 1,
+        "gpus_per_worker": gpus_per_worker,
     }
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
+    return write_digits_space(path, name, epochs=2, train_subset=200, budget=budget)
 
 
 def run(cmd: list[str], cluster: AutoscalingCluster, cwd: Path) -> subprocess.CompletedProcess:

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from bake_ray import config
 from bake_ray.config import ConfigError, DataConfig
-from bake_ray.data import build_splits, input_shape
+from bake_ray.data import build_splits
+from bake_ray.datafiles import input_shape
 from bake_ray.engine import Context, build_state, setup_model, train_one_epoch
 from bake_ray.models import build_model, check_model_available, is_convolutional
 from bake_ray.registry import check_model_name

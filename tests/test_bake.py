@@ -466,7 +466,8 @@ def _one_batch(world: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _train_step_worker(rank: int, world: int, port: int, on: bool, out_dir: str) -> None:
     """One real training step through the engine (DDP model, BAKE loss, optimizer step)."""
     from bake_ray import config as cfg
-    from bake_ray.engine import Context, _unwrapped, build_state, train_one_epoch
+    from bake_ray.engine import Context, build_state, train_one_epoch
+    from bake_ray.epoch import unwrapped
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -477,7 +478,7 @@ def _train_step_worker(rank: int, world: int, port: int, on: bool, out_dir: str)
         )
         torch.manual_seed(rank)  # different inits: DDP must make rank 0's the common one
         state = build_state(config, Context(torch.device("cpu"), rank, world), 10, 1, 8, 1)
-        start = {k: v.clone() for k, v in _unwrapped(state.model).state_dict().items()}
+        start = {k: v.clone() for k, v in unwrapped(state.model).state_dict().items()}
         images, labels = _one_batch(world, config.data.batch_size)
         mine = slice(rank * config.data.batch_size, (rank + 1) * config.data.batch_size)
         ctx = Context(torch.device("cpu"), rank, world)

@@ -18,9 +18,10 @@ from PIL import Image
 from system_packages import missing
 from torchvision import datasets
 
-from bake_ray import data
+from bake_ray import data, datafiles
 from bake_ray.config import ConfigError, DataConfig
-from bake_ray.data import ClassAwareBatchSampler, build_loaders, build_splits
+from bake_ray.data import build_splits
+from bake_ray.sampler import ClassAwareBatchSampler, build_loaders
 
 # --------------------------------------------------------------------------- sampler helpers
 
@@ -284,8 +285,8 @@ def test_eval_sharding_splits_val_and_test_exactly(digits_splits: data.DataSplit
 # --------------------------------------------------------------------------- Fashion-MNIST
 
 needs_debian_fashion = pytest.mark.skipif(
-    not data._has_idx_files(data.DEBIAN_FASHION_MNIST_DIR),
-    reason=missing("dataset-fashion-mnist", f"no files in {data.DEBIAN_FASHION_MNIST_DIR}"),
+    not datafiles.has_idx_files(datafiles.DEBIAN_FASHION_MNIST_DIR),
+    reason=missing("dataset-fashion-mnist", f"no files in {datafiles.DEBIAN_FASHION_MNIST_DIR}"),
 )
 
 
@@ -295,16 +296,17 @@ def test_fashion_mnist_loads_from_the_debian_files(
 ) -> None:
     monkeypatch.setenv("BAKE_RAY_CACHE", str(tmp_path / "cache"))
     cfg = DataConfig(dataset="fashion_mnist", train_subset=600, val_fraction=0.1)
-    data.check_data_available(cfg)
+    datafiles.check_data_available(cfg)
     splits = build_splits(cfg, seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (540, 60, 10000)
     assert (splits.num_classes, splits.in_channels, splits.image_size) == (10, 1, 28)
     x, y = splits.val[0]
     assert x.shape == (1, 28, 28) and 0 <= y < 10
-    root = data.fashion_mnist_root(cfg)  # a second call reuses the private copy
+    root = datafiles.fashion_mnist_root(cfg)  # a second call reuses the private copy
     assert (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
     # That private root is a torchvision tree; as data_dir it is used in place.
-    assert data.fashion_mnist_root(DataConfig(dataset="fashion_mnist", data_dir=str(root))) == root
+    in_place = DataConfig(dataset="fashion_mnist", data_dir=str(root))
+    assert datafiles.fashion_mnist_root(in_place) == root
 
 
 @needs_debian_fashion
@@ -314,8 +316,8 @@ def test_fashion_mnist_data_dir_with_gzipped_idx_files(
     monkeypatch.setenv("BAKE_RAY_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "idx"
     folder.mkdir()
-    for name in data.FASHION_MNIST_FILES:
-        (folder / f"{name}.gz").symlink_to(data.DEBIAN_FASHION_MNIST_DIR / f"{name}.gz")
+    for name in datafiles.FASHION_MNIST_FILES:
+        (folder / f"{name}.gz").symlink_to(datafiles.DEBIAN_FASHION_MNIST_DIR / f"{name}.gz")
     cfg = DataConfig(dataset="fashion_mnist", data_dir=str(folder), train_subset=200)
     assert len(build_splits(cfg, seed=0).train) == 180
 
@@ -323,11 +325,11 @@ def test_fashion_mnist_data_dir_with_gzipped_idx_files(
 def test_fashion_mnist_missing_files_fail_in_one_line(tmp_path: Path) -> None:
     cfg = DataConfig(dataset="fashion_mnist", data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="IDX files not found") as info:
-        data.check_data_available(cfg)
+        datafiles.check_data_available(cfg)
     assert "\n" not in str(info.value) and "dataset-fashion-mnist" in str(info.value)
     missing = DataConfig(dataset="fashion_mnist", data_dir=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"data\.data_dir: .*nope does not exist"):
-        data.check_data_available(missing)
+        datafiles.check_data_available(missing)
 
 
 # --------------------------------------------------------------------------- CIFAR (fake)
@@ -381,7 +383,7 @@ def test_cifar_reads_the_real_pickle_format(
     _write_cifar(tmp_path, cls, classes, per_file)
     _trust_fake_cifar(tmp_path, cls, monkeypatch)
     cfg = DataConfig(dataset=name, data_dir=str(tmp_path), val_fraction=0.5, batch_size=8)
-    data.check_data_available(cfg)
+    datafiles.check_data_available(cfg)
     splits = build_splits(cfg, seed=0)
     n_train = per_file * len(cls.train_list)
     assert len(splits.train) + len(splits.val) == n_train and len(splits.val) == n_train // 2
@@ -403,8 +405,9 @@ def test_cifar_reads_the_real_pickle_format(
 def test_cifar_missing_files_fail_in_one_line(tmp_path: Path) -> None:
     cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"cifar-10-batches-py.*data\.download=true"):
-        data.check_data_available(cfg)
-    data.check_data_available(DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=True))
+        datafiles.check_data_available(cfg)
+    fetched = DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=True)
+    datafiles.check_data_available(fetched)
 
 
 # --------------------------------------------------------------------------- ImageFolder
@@ -422,7 +425,7 @@ def test_imagefolder_train_val_tree(tmp_path: Path) -> None:
     _write_tree(tmp_path / "train", {"ant": 6, "bee": 6, "cat": 6})
     _write_tree(tmp_path / "val", {"ant": 2, "bee": 2, "cat": 2})
     cfg = DataConfig(dataset="imagefolder", data_dir=str(tmp_path), val_fraction=1 / 3)
-    data.check_data_available(cfg)
+    datafiles.check_data_available(cfg)
     splits = build_splits(cfg, seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 6, 6)
     assert Counter(_labels_of(splits.val)) == {0: 2, 1: 2, 2: 2}
@@ -436,17 +439,17 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     _write_tree(tmp_path / "train", {"ant": 2, "bee": 2})
     cfg = DataConfig(dataset="imagefolder", data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"data\.data_dir: .*val not found"):
-        data.check_data_available(cfg)
+        datafiles.check_data_available(cfg)
     _write_tree(tmp_path / "val", {"ant": 1, "wasp": 1})
     with pytest.raises(ConfigError, match="class folders"):
         build_splits(cfg, seed=0)
     with pytest.raises(ConfigError, match=r"data\.data_dir: required"):
-        data.check_data_available(DataConfig(dataset="imagefolder"))
+        datafiles.check_data_available(DataConfig(dataset="imagefolder"))
 
 
 def test_unknown_dataset_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"data\.dataset"):
-        data.check_data_available(DataConfig(dataset="mnist"))
+        datafiles.check_data_available(DataConfig(dataset="mnist"))
 
 
 def test_stratified_sample_handles_fewer_items_than_classes() -> None:

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from bake_ray import config
 from bake_ray.config import ConfigError, DataConfig
-from bake_ray.data import build_loaders, build_splits
+from bake_ray.data import build_splits
 from bake_ray.models import MODEL_NAMES, build_model
+from bake_ray.sampler import build_loaders
 
 # name, in_channels, image_size, feature dim: small inputs keep every case well under a second.
 CASES = [

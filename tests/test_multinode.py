@@ -22,10 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from multinode_helpers import LocalCluster, Node, TrainReport, train_reports, wait_for
+from multinode_helpers import (
+    LocalCluster,
+    Node,
+    TrainReport,
+    train_reports,
+    wait_for,
+    write_digits_space,
+)
 
 from bake_ray import checkpoint as ckpt
 
@@ -54,35 +60,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 def write_space(path: Path, name: str, epochs: int, train_subset: int, samples: int) -> Path:
     """A small BAKE search on digits: 2 Ray Train workers per trial, no early stopping."""
-    space = {
-        "name": name,
-        "base": {
-            "method": "bake",
-            "epochs": epochs,
-            "seed": 0,
-            "data": {
-                "dataset": "digits",
-                "batch_size": 32,
-                "same_class": 1,
-                "train_subset": train_subset,
-            },
-            "model": {"name": "small_cnn"},
-            "optim": {"lr": 0.05, "schedule": "constant"},
-        },
-        "space": {"bake.temperature": {"distribution": "uniform", "low": 2.0, "high": 6.0}},
-        "objective": {"metric": "val_acc", "mode": "max"},
-        "budget": {
-            "num_samples": samples,
-            "max_concurrent": 1,
-            "workers_per_trial": 2,
-            "cpus_per_worker": 1,
-            "max_failures": 1,
-        },
-        "scheduler": {"type": "none"},
-        "seed": 0,
+    budget = {
+        "num_samples": samples,
+        "max_concurrent": 1,
+        "workers_per_trial": 2,
+        "cpus_per_worker": 1,
+        "max_failures": 1,
     }
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
+    return write_digits_space(path, name, epochs, train_subset, budget)
 
 
 def start_search(

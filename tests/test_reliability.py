@@ -9,7 +9,6 @@ workers) can be found and killed by pid afterwards: see ``reliability_helpers``.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -30,6 +29,7 @@ from reliability_helpers import (
     child_env,
     cli_session,
     cmdline,
+    committed_epoch,
     kill_session,
     session_pids,
     table_rows,
@@ -101,21 +101,6 @@ _PROGRESS = re.compile(r"RayTrainWorker pid=(\d+)\)\S*\s+epoch\s+(\d+)/")
 _TRAIN_WORKER = "ray::RayTrainWorker"
 
 
-def _committed_epoch(run: Path) -> int:
-    """The epoch of the newest checkpoint Ray Train has committed (0 if none yet).
-
-    A ``checkpoint_*`` folder appears while rank 0's report is still being persisted; only
-    once the controller registers it (and rewrites this snapshot) will a restarted worker
-    group resume from it. Before that, a restart rightly begins from the previous one.
-    """
-    try:
-        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("epoch", 0))
-
-
 @pytest.mark.slow
 def test_killed_ray_train_worker_restarts_the_group_from_the_last_checkpoint(
     tmp_path: Path,
@@ -134,7 +119,7 @@ def test_killed_ray_train_worker_restarts_the_group_from_the_last_checkpoint(
 
         def committed() -> int:
             _alive(cli)
-            return _committed_epoch(run)
+            return committed_epoch(run)
 
         resume_epoch = wait_for(committed, 300, "the first committed Ray Train checkpoint")
         workers = [p for p in session_pids(cli.pid) if cmdline(p).startswith(_TRAIN_WORKER)]

@@ -24,7 +24,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from reliability_helpers import cli_session, cmdline, session_pids, wait_for, write_space
+from reliability_helpers import (
+    cli_session,
+    cmdline,
+    committed_epoch,
+    session_pids,
+    wait_for,
+    write_space,
+)
 
 from bake_ray import checkpoint as ckpt
 from bake_ray import config as cfg
@@ -236,16 +243,6 @@ def test_train_cli_killed_then_resumed_equals_the_straight_run(
     assert _epochs_trained(stdout) == list(range(k + 1, EPOCHS + 1)), stdout
 
 
-def _committed_checkpoint(run: Path) -> int:
-    """Epoch of the newest checkpoint Ray Train has committed (0 before the first)."""
-    try:
-        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("epoch", 0))
-
-
 def _ray_train_final(run: Path) -> dict:
     states = [ckpt.load(p) for p in run.glob("checkpoint_*") if p.is_dir()]
     return max(states, key=lambda s: s["epoch"])
@@ -268,7 +265,7 @@ def test_two_ray_train_workers_killed_then_resumed_equal_the_straight_run(tmp_pa
 
         def committed() -> int:
             assert cli.proc.poll() is None, cli.describe()
-            return _committed_checkpoint(run) >= 2
+            return committed_epoch(run) >= 2
 
         wait_for(committed, 300, "Ray Train's commit of epoch 2", interval_s=0.01)
         os.kill(cli.pid, signal.SIGKILL)

@@ -94,7 +94,8 @@ def test_shipped_space_loads_and_starts_from_the_paper_defaults(path: Path) -> N
     for key, value in first.items():
         assert dists[key]._contains(dists[key].to_internal_repr(value)), (key, value)
     config = ss.trial_config(space, dict(first))
-    assert config.runtime.workers == space.budget.workers_per_trial
+    in_trial = space.budget.workers_per_trial == 1 and not space.budget.always_use_worker_group
+    assert config.runtime.workers == (0 if in_trial else space.budget.workers_per_trial)
     assert config.runtime.gpu == (space.budget.gpus_per_worker > 0)
 
 
@@ -113,7 +114,7 @@ def test_fashion_mnist_space_is_cpu_friendly() -> None:
 
 def test_fashion_mnist_space_finds_the_debian_package() -> None:
     """With data_dir null the CLI's data check accepts the Debian package's files."""
-    from bake_ray.data import DEBIAN_FASHION_MNIST_DIR, check_data_available
+    from bake_ray.datafiles import DEBIAN_FASHION_MNIST_DIR, check_data_available
 
     if not DEBIAN_FASHION_MNIST_DIR.is_dir():
         pytest.skip(missing("dataset-fashion-mnist", "Debian package not installed"))

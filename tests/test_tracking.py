@@ -460,11 +460,12 @@ def test_trial_callback_pickles_without_its_client(tmp_path: Path) -> None:
     from bake_ray.tune_callbacks import MlflowTrialCallback
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    callback = MlflowTrialCallback("pickled", "s-pickle", uri, 3, str(tmp_path / "storage"))
+    base = {"epochs": 3}  # the trials' shared config travels with the callback
+    callback = MlflowTrialCallback("pickled", "s-pickle", uri, 3, str(tmp_path / "storage"), base)
     first = callback.tracker
     assert first is not None
     restored = pickle.loads(pickle.dumps(callback))
-    assert restored._tracker is None
+    assert restored._tracker is None and restored.base == base
     assert restored.tracker is not None and restored.tracker is not first
     assert restored.tracker.parent_run_id == first.parent_run_id
 

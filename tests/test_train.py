@@ -235,3 +235,40 @@ def test_cifar100_recipe_trains_with_three_classmates_per_anchor(tmp_path, monke
     (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics["train_kd"] > 0 and torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert ckpt.load(run / "checkpoints" / "epoch_0001")["config"]["data"]["same_class"] == 3
+
+
+def test_best_config_of_a_one_worker_search_trains_in_process(tmp_path, monkeypatch):
+    """``runtime.workers`` has one meaning: a one-worker search's trials train in their own
+    process (workers 0), its best_config.yaml says so unchanged, and ``train --config`` of
+    it trains here, without Ray."""
+    from types import SimpleNamespace
+
+    from bake_ray import raytrain
+    from bake_ray import search_space as ss
+    from bake_ray.summary import best_config
+    from bake_ray.tune import DEFAULT_SPACE, Plan
+
+    space = ss.load(DEFAULT_SPACE)
+    assert space.budget.workers_per_trial == 1
+    params = dict(space.initial_points[0])
+    assert ss.trial_config(space, params).runtime.workers == 0  # what every trial ran with
+    best = best_config(
+        Plan(space, str(tmp_path), "s", "sqlite:///x.db"), SimpleNamespace(params=params)
+    )
+    assert best == ss.trial_config(space, params)  # written as the trials ran, no rewrite
+    cfg.save(best, tmp_path / "best_config.yaml")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a one-worker search's best config started Ray Train workers")
+
+    monkeypatch.setattr(raytrain, "run_workers", no_ray)
+    args = [
+        "epochs=1",
+        "data.train_subset=256",
+        f"runtime.output_dir={tmp_path}",
+        "runtime.run_name=b",
+    ]
+    assert (
+        main(["--config", str(tmp_path / "best_config.yaml"), *[f"--set={a}" for a in args]]) == 0
+    )
+    assert (tmp_path / "b" / "checkpoints" / "epoch_0001").is_dir()  # a local run's layout
