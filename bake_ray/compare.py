@@ -32,15 +32,14 @@ Recheck a finished search (``--recheck SEARCH --top N --seeds K``): retrain its 
 trials with K seeds each and say whether the winner stays the winner, on validation
 accuracy only (the test split is never used to choose).
 
-Why over 400 lines: planning, the Tune driver, MLflow and reporting of one command are kept
-together so that the arm/seed bookkeeping has one home; the statistics live in
-:mod:`bake_ray.paired` and the table/plot in :mod:`bake_ray.compare_report`.
+Modules: this one (flags, arms, checks before compute), :mod:`bake_ray.compare_run` (the
+Tune grid, its trainable and MLflow), :mod:`bake_ray.compare_report` (table, verdicts,
+plot), :mod:`bake_ray.compare_recheck` (--recheck) and :mod:`bake_ray.paired` (statistics).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -51,23 +50,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-
-from bake_ray import compare_report as report
 from bake_ray import config as cfg
-from bake_ray import tracking
 from bake_ray.config import ConfigError
-from bake_ray.trial import (
-    BASE_KEY,
-    TRAIN_STORAGE_KEY,
-    WORKER_GROUP_KEY,
-    WORKER_RESOURCES_KEY,
-    run_trial,
-)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-ARMS_KEY = "_bake_ray_compare_arms"  # every arm's full config, inside each trial's config
 PLAN_FILE = "bake_ray_compare.json"  # beside the checkpoints: what this comparison trains
 #: Built-in arms: dotted config overrides applied to the given training config.
 ARMS: dict[str, dict[str, Any]] = {
@@ -83,7 +70,6 @@ ARMS: dict[str, dict[str, Any]] = {
     "label_smoothing": {"method": "label_smoothing"},
 }
 BASELINE = "ce"
-_TRACKERS: dict[str, tracking.SearchTracker] = {}  # Tune unpickles callbacks on restore
 
 
 @dataclass
@@ -270,10 +256,6 @@ def _digest(payload: Any) -> str:
 
 def plan(args: argparse.Namespace) -> Plan:
     """Validate everything before any Ray, MLflow run or training starts."""
-    from bake_ray.data import check_data_available, input_shape
-    from bake_ray.models import check_model_available
-    from bake_ray.raytrain import absolute_paths
-
     if args.seeds < 2:
         raise ConfigError(f"--seeds: must be >= 2 (a paired interval needs 2), got {args.seeds}")
     if args.cpus_per_trial <= 0 or args.max_concurrent < 0:
@@ -285,14 +267,19 @@ def plan(args: argparse.Namespace) -> Plan:
         arms, source, base = recheck_arms(args, storage)
         baseline, metric = arms[0].label, "best_val_acc"
     else:
-        base, source = _base_config(args, storage)
-        base = absolute_paths(base)
         kinds = parse_arms(args.arms)
         per_arm = parse_arm_overrides(args.arm_overrides, [label for label, _ in kinds])
+        from bake_ray.raytrain import absolute_paths  # imports Ray: after the flags' checks
+
+        base, source = _base_config(args, storage)
+        base = absolute_paths(base)
         arms = [arm_values(base, lb, kd, per_arm[lb], args.match) for lb, kd in kinds]
         labels = [arm.label for arm in arms]
         baseline = BASELINE if BASELINE in labels else labels[0]
         metric = "test_acc_at_best_val"
+    from bake_ray.data import check_data_available, input_shape
+    from bake_ray.models import check_model_available
+
     for arm in arms:
         config = cfg.from_dict(arm.values)
         check_data_available(config.data)
@@ -302,19 +289,24 @@ def plan(args: argparse.Namespace) -> Plan:
     prefix = f"{args.recheck}-recheck" if args.recheck else f"{base.data.dataset}-compare"
     name = args.name or f"{prefix}-{digest}"
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    from bake_ray import tracking
+
+    try:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        if not joined and args.cpus_per_trial > (os.cpu_count() or 1):
+            raise ConfigError(f"--cpus-per-trial: {args.cpus_per_trial} > this machine's CPUs")
+        tracking.wait_for_tracking(uri, tracking.tracking_wait_s() if joined else 0.0)
+    except tracking.TrackingError as err:
+        raise ConfigError(f"--tracking-uri: {err}") from None
     p = Plan(
         arms, seeds, args.match, storage, name, uri, f"{base.data.dataset}-compare", source,
         baseline, metric, args.cpus_per_trial, args.max_concurrent, joined, args.recheck,
     )  # fmt: skip
     _check_same_plan(p)
-    if not joined and args.cpus_per_trial > (os.cpu_count() or 1):
-        raise ConfigError(f"--cpus-per-trial: {args.cpus_per_trial} > this machine's CPUs")
-    tracking.wait_for_tracking(uri, tracking.tracking_wait_s() if joined else 0.0)
     return p
 
 
-def _plan_payload(p: Plan) -> dict[str, Any]:
+def plan_payload(p: Plan) -> dict[str, Any]:
     return {"arms": {a.label: a.values for a in p.arms}, "seeds": p.seeds, "match": p.match}
 
 
@@ -323,217 +315,38 @@ def _check_same_plan(p: Plan) -> None:
     from bake_ray.search_record import read_text
 
     stored = read_text(f"{p.exp_path}/{PLAN_FILE}")
-    if stored is not None and json.loads(stored) != json.loads(json.dumps(_plan_payload(p))):
+    if stored is not None and json.loads(stored) != json.loads(json.dumps(plan_payload(p))):
         raise ConfigError(
             f"--name {p.name}: {p.exp_path} holds a different comparison; pick another name"
         )
 
 
-# --------------------------------------------------------------------------- trials
-
-
-def run_arm_trial(trial_config: dict[str, Any]) -> None:
-    """Tune trainable: the arm's config with this trial's seed, trained as a search trial."""
-    values = copy.deepcopy(trial_config[ARMS_KEY][trial_config["arm"]])
-    values["seed"] = int(trial_config["seed"])
-    run_trial(
-        {
-            BASE_KEY: values,
-            TRAIN_STORAGE_KEY: trial_config[TRAIN_STORAGE_KEY],
-            WORKER_GROUP_KEY: False,
-            WORKER_RESOURCES_KEY: trial_config[WORKER_RESOURCES_KEY],
-        }
-    )
-
-
-def _trial_label(trial: Any) -> str:
-    return f"{trial.config['arm']}-seed{trial.config['seed']}"
-
-
-def _epochs_of(trial: Any) -> int:
-    return int(trial.config[ARMS_KEY][trial.config["arm"]]["epochs"])
-
-
-class CompareCallback(tune.Callback):
-    """One progress line per epoch, and each trial mirrored into a child MLflow run."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @property
-    def tracker(self) -> tracking.SearchTracker:
-        return _TRACKERS[self.name]
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        values = copy.deepcopy(trial.config[ARMS_KEY][trial.config["arm"]])
-        values["seed"] = int(trial.config["seed"])
-        config = {"arm": trial.config["arm"], **values}
-        self.tracker.start_trial(trial.trial_id, config, run_name=_trial_label(trial))
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        if "epoch" not in result:
-            return
-        self.tracker.log_trial_metrics(trial.trial_id, result, step=int(result["epoch"]))
-        if "val_acc" in result and not result.get("diverged"):
-            print(
-                f"{_trial_label(trial)}  epoch {int(result['epoch'])}/{_epochs_of(trial)}  "
-                f"val {result['val_acc']:.4f}  test {result['test_acc']:.4f}",
-                flush=True,
-            )
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        if last.get("diverged"):
-            self.tracker.end_trial(trial.trial_id, "FAILED", str(last.get("error", "diverged")))
-        elif int(last.get("epoch", 0)) < _epochs_of(trial):
-            self.tracker.end_trial(trial.trial_id, "KILLED")
-        else:
-            self.tracker.end_trial(trial.trial_id, "FINISHED")
-            print(f"{_trial_label(trial)}  done", flush=True)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.end_trial(trial.trial_id, "FAILED", "trial raised an error (see Tune log)")
-        print(f"{_trial_label(trial)}  error: see {trial.path}", flush=True)
-
-
-def _resources(p: Plan, driver_slot: bool) -> tuple[dict[str, float], dict[str, float]]:
-    """(trial resources, per-worker resources): a one-worker arm trains in its trial."""
-    values = p.arms[0].values
-    gpu = 1.0 if values["runtime"]["gpu"] else 0.0
-    worker = {"CPU": p.cpus_per_trial, "GPU": gpu}
-    if int(values["runtime"]["workers"]) <= 1:
-        return worker, worker
-    return ({"TRAIN_DRIVER": 1} if driver_slot else {"CPU": 0.01}), worker
-
-
-def build_tuner(p: Plan, driver_slot: bool) -> Any:
-    """A grid over arm x seed: no search algorithm, no scheduler, every trial to the end."""
-    trial_res, worker_res = _resources(p, driver_slot)
-    return tune.Tuner(
-        tune.with_resources(run_arm_trial, trial_res),
-        param_space={
-            "arm": tune.grid_search([a.label for a in p.arms]),
-            "seed": tune.grid_search(p.seeds),
-            ARMS_KEY: {a.label: a.values for a in p.arms},
-            TRAIN_STORAGE_KEY: f"{p.exp_path}/train_runs",
-            WORKER_RESOURCES_KEY: worker_res,
-        },
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=p.max_concurrent or None,
-            trial_dirname_creator=lambda t: f"{_trial_label(t)}_{t.trial_id}",
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=p.name,
-            storage_path=p.storage,
-            verbose=0,
-            callbacks=[CompareCallback(p.name)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
-    )
-
-
-def _write_plan_file(p: Plan) -> None:
-    from bake_ray.search_record import filesystem
-
-    fs, path = filesystem(p.exp_path)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{PLAN_FILE}") as out:
-        out.write(json.dumps(_plan_payload(p), indent=1).encode())
-
-
-def run(p: Plan, address: str | None) -> list[report.TrialResult]:
-    """Run (or continue) the grid; the results of every trial, finished or not."""
-    from bake_ray import capacity
-    from bake_ray.raytrain import ray_keeps_its_temp_files
-
-    with ray_keeps_its_temp_files():
-        cap = capacity.join(address)
-    driver_slot = "TRAIN_DRIVER" in cap.now
-    _TRACKERS[p.name] = tracking.SearchTracker(
-        p.experiment, p.name, p.tracking_uri, run_name=p.name
-    )
-    if tune.Tuner.can_restore(p.exp_path):
-        print(f"continuing {p.name}: finished trials are kept ({p.exp_path})", flush=True)
-        tuner = tune.Tuner.restore(
-            p.exp_path,
-            trainable=tune.with_resources(run_arm_trial, _resources(p, driver_slot)[0]),
-            resume_unfinished=True,
-            resume_errored=True,
-        )
-    else:
-        _write_plan_file(p)
-        tuner = build_tuner(p, driver_slot)
-    print(
-        f"compare {p.name}: {len(p.arms)} arms x {len(p.seeds)} seeds = "
-        f"{len(p.arms) * len(p.seeds)} trials; checkpoints in {p.exp_path}",
-        flush=True,
-    )
-    grid = tuner.fit()
-    return [report.trial_result(r, ARMS_KEY) for r in grid]
-
-
 # --------------------------------------------------------------------------- main
-
-
-def _finish(p: Plan, results: list[report.TrialResult], interrupted: bool) -> None:
-    """Table, verdicts and plot, printed and on the parent MLflow run; every run closed."""
-    tracker = _TRACKERS[p.name]
-    summary = report.summarise(p, results)
-    text = report.format_report(p, summary)
-    print("\n" + text + "\n", flush=True)
-    with report.scratch() as out:
-        (out / "compare.txt").write_text(text + "\n")
-        (out / "compare.json").write_text(json.dumps(report.as_json(p, summary), indent=1))
-        tracker.log_search_artifact(out / "compare.txt", "summary")
-        tracker.log_search_artifact(out / "compare.json", "summary")
-        plot = report.plot(p, summary, results, out / "compare.png")
-        if plot is not None:
-            tracker.log_search_artifact(plot, "summary")
-        if not interrupted:  # MLflow params are write-once: only the final verdicts
-            tracker.log_search_params(report.parent_params(p, summary))
-            for key, value in report.parent_metrics(summary).items():
-                tracker.client.log_metric(tracker.parent_run_id, key, value)
-        tracker.close_all("KILLED" if interrupted else "FINISHED")
-    print(
-        f"MLflow: experiment '{p.experiment}', parent run '{p.name}' at {p.tracking_uri}\n"
-        f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}",
-        flush=True,
-    )
-
-
-def _unfinished(p: Plan, results: list[report.TrialResult]) -> list[str]:
-    """Trials stopped before their last epoch, and a count of those never started."""
-    out = [r.label for r in results if r.status == "unfinished"]
-    missing = len(p.arms) * len(p.seeds) - len(results)
-    return out + ([f"{missing} not started"] if missing > 0 else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # a grid of short trials snapshots often by design; Tune would warn after every epoch
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
         p = plan(args)
-    except (ConfigError, tracking.TrackingError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from bake_ray import compare_run, tracking
+
+    # a grid of short trials snapshots often by design; Tune would warn after every epoch
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     hint = "interrupted; rerun the same command to continue (finished arm x seed trials are kept)"
     try:
-        results = run(p, args.address)
+        results = compare_run.run(p, args.address)
     except tracking.TrackingError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        tracker = _TRACKERS.get(p.name)
-        if tracker is not None:
-            tracker.close_all("KILLED")
+        compare_run.close_interrupted(p)
         print(hint, file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    unfinished = _unfinished(p, results)
-    _finish(p, results, bool(unfinished))
+    unfinished = compare_run.unfinished(p, results)
+    compare_run.finish(p, results, bool(unfinished))
     if unfinished:
         print(f"{hint}; unfinished: {', '.join(unfinished)}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -38,11 +38,11 @@ def _row(trial: Any) -> TrialRow:
 
 def load_trials(storage: str, search: str) -> list[tuple[TrialRow, Any]]:
     """The search's trials with their Tune records, in the search's ranking order."""
-    from ray.tune import ExperimentAnalysis
-
     path = f"{storage.rstrip('/')}/{search}"
     if "://" not in path and not Path(path).is_dir():
         raise ConfigError(f"--recheck {search}: no search folder {path} (see --storage)")
+    from ray.tune import ExperimentAnalysis
+
     try:
         analysis = ExperimentAnalysis(path)
     except (ValueError, OSError, RuntimeError) as err:
