@@ -206,3 +206,29 @@ def test_compare_on_digits_verdicts_mlflow_and_rerun(tmp_path: Path) -> None:
     assert "crippled vs ce: worse" in again.stdout
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 + 4 * 3
+
+
+@pytest.mark.slow
+def test_recheck_retrains_a_searchs_top_trials_on_validation(tmp_path: Path) -> None:
+    """A finished 3-trial search; --recheck retrains its 2 best with 2 seeds each, pairs the
+    runner-up with the winner on validation accuracy and says whether the winner stays."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    where = ["--storage", str(tmp_path / "rr"), "--tracking-uri", uri]
+    search = subprocess.run(
+        [sys.executable, "-m", "bake_ray.tune", "--num-samples", "3", "--name", "s1",
+         "--set", "epochs=2", "--set", "base.data.train_subset=400",
+         "--set", "scheduler.type=none", *where],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stderr[-3000:]
+    out = _cli(tmp_path, "--recheck", "s1", "--top", "2", "--seeds", "2", *where)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "verdicts compare best validation accuracy" in out.stdout
+    assert "search rank 1" in out.stdout and "search rank 2" in out.stdout
+    assert "the winner trial_" in out.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("digits-compare")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 + 2 * 2
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["metric"] == "best_val_acc"
