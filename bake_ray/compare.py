@@ -169,6 +169,8 @@ def load_training_config(path: Path, overrides: list[str], flag: str = "--config
 def _base_config(args: argparse.Namespace, storage: str) -> tuple[cfg.Config, str]:
     if args.search:
         path = Path(storage) / args.search / "best_config.yaml"
+        if "://" in storage:  # a search on remote storage writes it in its working directory
+            path = Path.cwd() / f"best_config-{args.search}.yaml"
         if not path.is_file():
             raise ConfigError(
                 f"--search {args.search}: no best_config.yaml in {path.parent} "
