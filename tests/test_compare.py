@@ -232,3 +232,45 @@ def test_recheck_retrains_a_searchs_top_trials_on_validation(tmp_path: Path) -> 
     assert len(runs) == 1 + 2 * 2
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.params["metric"] == "best_val_acc"
+
+
+def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path: Path) -> None:
+    """SIGINT mid-grid: exit 130, one line saying to rerun, runs KILLED; the rerun keeps the
+    finished trials and trains only the rest."""
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--arms", "ce,bake", "--seeds", "2", "--set", "epochs=6",
+            "--set", "data.train_subset=400", "--max-concurrent", "1",
+            "--storage", str(tmp_path / "rr"), "--tracking-uri", uri]  # fmt: skip
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bake_ray.compare", *args],
+            cwd=tmp_path, env=_env(tmp_path), stdout=out, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while "epoch 2/6" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "rerun the same command to continue" in err.strip().splitlines()[-1]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("digits-compare")
+    parent = next(
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags
+    )
+    assert parent.info.status == "KILLED"
+
+    again = _cli(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing" in again.stdout and "bake vs ce:" in again.stdout
+    assert "ce-seed0  epoch 1/6" not in again.stdout  # resumed from its checkpoint
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 + 2 * 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
