@@ -303,6 +303,7 @@ def plan(args: argparse.Namespace) -> Plan:
     p = Plan(
         arms, seeds, args.match, storage, name, uri, f"{base.data.dataset}-compare", source,
         baseline, metric, args.cpus_per_trial, args.max_concurrent, joined, args.recheck,
+        {"same_class": base.data.same_class, "epochs": base.epochs},
     )  # fmt: skip
     _check_same_plan(p)
     return p

@@ -168,10 +168,12 @@ def match_line(p: Any) -> str:
             "match: epochs (every arm trains the config's epochs; images and steps differ, "
             "see the columns)"
         )
+    m, epochs = p.extra.get("same_class", "M"), p.extra.get("epochs", "E")
     return (
         "match: images (every arm trains on the same number of images: an epoch with M "
         "same-class images per anchor holds (M+1) x the training set, so an arm with M_a "
-        "trains epochs x (M+1)/(M_a+1); ce_standard has M_a=0)"
+        f"trains epochs x (M+1)/(M_a+1); here M={m} and epochs={epochs}, and ce_standard "
+        "has M_a=0)"
     )
 
 

@@ -274,3 +274,33 @@ def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path: Path) -> None
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 + 2 * 2
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_report_pairs_by_seed_and_states_its_rules() -> None:
+    """Synthetic results: the table names the match rule, seeds and selection; a seed that
+    did not finish is left out of the pairing and listed."""
+    from types import SimpleNamespace
+
+    from bake_ray import compare_report as report
+
+    base = cfg.load(None, ["epochs=3"])
+    arms = [compare.arm_values(base, k, k, [], "images") for k in ("ce", "ce_standard")]
+    p = SimpleNamespace(
+        arms=arms, seeds=[0, 1, 2], match="images", name="x", source="test", baseline="ce",
+        metric="test_acc_at_best_val", extra={"same_class": 1, "epochs": 3}, recheck_of=None,
+    )  # fmt: skip
+    results = []
+    for arm, accs in (("ce", [0.80, 0.82, 0.81]), ("ce_standard", [0.70, 0.71, 0.0])):
+        for seed, acc in enumerate(accs):
+            metrics = {"test_acc_at_best_val": acc, "test_acc": acc, "best_val_acc": acc}
+            status = "unfinished" if acc == 0.0 else "finished"
+            results.append(report.TrialResult(arm, seed, status, 3, metrics, 100, 10))
+    summary = report.summarise(p, results)
+    standard = summary.arms[1]
+    assert standard.seeds == [0, 1] and standard.diff is not None and standard.diff.n == 2
+    assert standard.diff.mean == pytest.approx(-0.105)
+    text = report.format_report(p, summary)
+    assert "match: images" in text and "here M=1 and epochs=3" in text
+    assert "3 seeds (0, 1, 2)" in text and "best-validation epoch" in text
+    assert "ce_standard vs ce: " in text and "ce_standard-seed2 unfinished" in text
+    assert report.parent_metrics(summary)["ce_standard.diff_vs_ce"] == pytest.approx(-0.105)
