@@ -111,7 +111,11 @@ class Plan:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = cfg.ArgumentParser(prog="python -m bake_ray.compare", description=__doc__)
+    parser = cfg.ArgumentParser(
+        prog="python -m bake_ray.compare",
+        description=__doc__.split("\nModules:")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="training config YAML (default: built-in)")
     source.add_argument("--search", help="a search name in --storage: use its best_config.yaml")
