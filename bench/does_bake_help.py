@@ -1,5 +1,10 @@
 """Does BAKE help? bake vs ce vs label_smoothing, same sampler, epochs and seeds.
 
+For your own data use ``python -m bake_ray.compare``: the same question as Ray Tune trials in
+parallel (on a cluster too), with the paper's plain-batch baseline ``ce_standard``, compute
+matched by images, paired t intervals and verdicts, and MLflow runs. This benchmark stays as
+the in-process, Ray-free measurement that BENCHMARKS.md section 5 reproduces.
+
 Every method trains with the same class-aware sampler, optimizer, schedule, epochs and
 seeds (a fair baseline shares the sampler), through the engine's own ``fit``. The
 reported accuracy is the test accuracy at the epoch that was best on the validation split
