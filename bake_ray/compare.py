@@ -45,67 +45,16 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from bake_ray import config as cfg
+from bake_ray.compare_plan import ARMS, BASELINE, PLAN_FILE, Arm, Plan, plan_payload
 from bake_ray.config import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-PLAN_FILE = "bake_ray_compare.json"  # beside the checkpoints: what this comparison trains
-#: Built-in arms: dotted config overrides applied to the given training config.
-ARMS: dict[str, dict[str, Any]] = {
-    "bake": {"method": "bake"},
-    "bake_paper": {
-        "method": "bake",
-        "bake.temperature": 4.0,
-        "bake.omega": 0.5,
-        "bake.loss_weight": 1.0,
-    },
-    "ce": {"method": "ce"},
-    "ce_standard": {"method": "ce", "data.same_class": 0},
-    "label_smoothing": {"method": "label_smoothing"},
-}
-BASELINE = "ce"
-
-
-@dataclass
-class Arm:
-    """One way to train: a label, the full training config (seed set per trial), epochs."""
-
-    label: str
-    kind: str  # built-in arm it derives from, or "trial" for a recheck
-    values: dict[str, Any]
-    note: str = ""  # e.g. "epochs x2 to match images"
-
-
-@dataclass
-class Plan:
-    """Everything checked before Ray starts."""
-
-    arms: list[Arm]
-    seeds: list[int]
-    match: str
-    storage: str
-    name: str
-    tracking_uri: str
-    experiment: str
-    source: str  # where the training config came from
-    baseline: str
-    metric: str  # what the verdicts compare: test acc at best val, or best val (recheck)
-    cpus_per_trial: float = 1.0
-    max_concurrent: int = 0
-    joined: bool = False
-    recheck_of: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def exp_path(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
-
 
 # --------------------------------------------------------------------------- CLI
 
@@ -313,10 +262,6 @@ def plan(args: argparse.Namespace) -> Plan:
     return p
 
 
-def plan_payload(p: Plan) -> dict[str, Any]:
-    return {"arms": {a.label: a.values for a in p.arms}, "seeds": p.seeds, "match": p.match}
-
-
 def _check_same_plan(p: Plan) -> None:
     """A ``--name`` reused for a different comparison would mix two experiments' trials."""
     from bake_ray.search_record import read_text
@@ -361,7 +306,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module's main: Tune pickles the trainable and callbacks by reference.
-    from bake_ray.compare import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -16,6 +16,7 @@ from typing import Any
 
 from bake_ray import config as cfg
 from bake_ray import ranking
+from bake_ray.compare_plan import ARMS, Arm
 from bake_ray.config import ConfigError
 from bake_ray.ranking import TrialRow
 from bake_ray.trial import resolved_trial_config
@@ -54,18 +55,17 @@ def load_trials(storage: str, search: str) -> list[tuple[TrialRow, Any]]:
 
 def recheck_arms(args: argparse.Namespace, storage: str) -> tuple[list[Any], str, cfg.Config]:
     """Arms ``trial_<id>`` for the search's ``--top`` best trials, the winner first."""
-    from bake_ray.compare import Arm
-
     if args.top < 2:
         raise ConfigError(f"--top: must be >= 2 (the winner and a runner-up), got {args.top}")
     if args.arm_overrides or args.arms != _default_arms():
         raise ConfigError("--recheck: --arms/--arm-set do not apply (the arms are trials)")
     trials = load_trials(storage, args.recheck)[: args.top]
+    search_base = _search_base(storage, args.recheck)
     if len(trials) < 2:
         raise ConfigError(f"--recheck {args.recheck}: fewer than 2 usable trials to recheck")
     arms = []
     for row, trial in trials:
-        values = cfg.to_dict(resolved_trial_config(trial.config))
+        values = cfg.to_dict(resolved_trial_config(search_base, trial.config))
         for text in args.overrides:
             key, value = cfg.parse_override(text)
             cfg.set_dotted(values, key, value)
@@ -79,9 +79,19 @@ def recheck_arms(args: argparse.Namespace, storage: str) -> tuple[list[Any], str
     return arms, f"top {len(arms)} trials of search {args.recheck}", base
 
 
-def _default_arms() -> str:
-    from bake_ray.compare import ARMS
+def _search_base(storage: str, search: str) -> dict[str, Any]:
+    """The config every trial of the search started from (its stored search record); a
+    trial's Tune config holds only its sampled values."""
+    from bake_ray import search_record as rec
+    from bake_ray.trial import trial_base
 
+    record = rec.load(f"{storage.rstrip('/')}/{search}")
+    if record is None:
+        raise ConfigError(f"--recheck {search}: no {rec.RECORD_FILE} beside its trials")
+    return trial_base(record.search_space())
+
+
+def _default_arms() -> str:
     return ",".join(ARMS)
 
 

@@ -16,7 +16,7 @@ from ray import tune
 
 from bake_ray import compare_report as report
 from bake_ray import tracking
-from bake_ray.compare import PLAN_FILE, Plan, plan_payload
+from bake_ray.compare_plan import PLAN_FILE, Plan, plan_payload
 from bake_ray.mlflow_runs import SearchTracker
 from bake_ray.raystart import TRAIN_DRIVER
 from bake_ray.trial import run_trial
