@@ -94,7 +94,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(REPO),
-        RAY_TMPDIR=os.environ.get("RAY_TMPDIR", str(tmp_path / "ray")),
+        # Ray's default place, not tmp_path: its socket paths must stay under 108 bytes.
+        RAY_TMPDIR=os.environ.get("RAY_TMPDIR", "/tmp/ray"),
         OMP_NUM_THREADS="1",
         RAY_ADDRESS="",
     )
