@@ -97,11 +97,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_storage(arg: str | None) -> str:
-    storage = arg or os.environ.get("BAKE_RAY_STORAGE") or "ray_results"
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
 def load_training_config(path: Path, overrides: list[str], flag: str = "--config") -> cfg.Config:
     """A training config; a search-space file (or a missing one) is refused by name."""
     try:
@@ -215,6 +210,8 @@ def plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--seeds: must be >= 2 (a paired interval needs 2), got {args.seeds}")
     if args.cpus_per_trial <= 0 or args.max_concurrent < 0:
         raise ConfigError("--cpus-per-trial must be > 0 and --max-concurrent >= 0")
+    from bake_ray.search_record import resolve_storage
+
     storage = resolve_storage(args.storage)
     if args.recheck:
         from bake_ray.compare_recheck import recheck_arms

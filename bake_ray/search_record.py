@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
@@ -35,6 +37,13 @@ def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     if "://" in uri:
         return pyarrow.fs.FileSystem.from_uri(uri)
     return pyarrow.fs.LocalFileSystem(), uri
+
+
+def resolve_storage(arg: str | None) -> str:
+    """Where searches and comparisons keep their experiments: ``--storage``, else
+    ``$BAKE_RAY_STORAGE``, else ``./ray_results``; a local path is made absolute."""
+    storage = arg or os.environ.get("BAKE_RAY_STORAGE") or "ray_results"
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def read_text(uri: str) -> str | None:

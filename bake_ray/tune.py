@@ -33,7 +33,6 @@ from bake_ray.datafiles import check_data_available, input_shape
 from bake_ray.models import check_model_available
 from bake_ray.search import SearchInterrupted, can_restore, hard_stop, run_search
 from bake_ray.summary import optuna_space  # noqa: F401  (tests and bench: tune.optuna_space)
-from bake_ray.tune_callbacks import _filesystem
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
 EXIT_BAD_INPUT = 2
@@ -78,16 +77,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_storage(arg: str | None) -> str:
-    storage = arg or os.environ.get("BAKE_RAY_STORAGE") or "ray_results"
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
 def find_experiment(storage: str, space: ss.SearchSpace, name: str | None, resume: bool) -> str:
     """The experiment name: given, the newest of this space when resuming, or a new one."""
     if name or not resume:
         return name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    fs, root = _filesystem(storage)
+    fs, root = rec.filesystem(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     mine = sorted(i.base_name for i in infos if i.base_name.startswith(f"{space.name}-"))
     if not mine:
@@ -132,7 +126,7 @@ def _check_no_searched_override(space: ss.SearchSpace, overrides: list[str]) -> 
 
 def plan(args: argparse.Namespace) -> Plan:
     """Validate the whole search before any Ray, MLflow run or training starts."""
-    storage = resolve_storage(args.storage)
+    storage = rec.resolve_storage(args.storage)
     overrides = _overrides(args)
     if args.resume:
         p = _plan_resume(args, storage, overrides)

@@ -20,6 +20,7 @@ from bake_ray import config as cfg
 from bake_ray import tracking
 from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.mlflow_runs import SearchTracker
+from bake_ray.search_record import filesystem
 from bake_ray.summary import _SCRATCH, Outcome, _param_summary, accuracy_interval, trial_outcome
 from bake_ray.trial import resolved_trial_config
 
@@ -202,12 +203,6 @@ def trial_checkpoint_roots(trial: Any, storage: str) -> list[str]:
     return [tune_dir, f"{storage.rstrip('/')}/train_runs/{trial.trial_id}"]
 
 
-def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in uri:
-        return pyarrow.fs.FileSystem.from_uri(uri)
-    return pyarrow.fs.LocalFileSystem(), uri
-
-
 def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | None:
     """Download the kept checkpoint with the highest val_acc (on a tie, the later one: the
     engine's selected epoch) to ``dest`` (default: a new temporary folder, which the caller
@@ -216,7 +211,7 @@ def best_checkpoint_dir(roots: list[str], dest: Path | None = None) -> Path | No
 
     best: tuple[float, pyarrow.fs.FileSystem, str] | None = None
     for root in roots:
-        fs, path = _filesystem(root)
+        fs, path = filesystem(root)
         try:
             infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
         except OSError:
