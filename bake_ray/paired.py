@@ -69,6 +69,10 @@ def paired_difference(
 def verdict(diff: PairedDifference) -> str:
     """``better`` / ``worse`` when the interval excludes 0, else an honest "cannot tell"."""
     interval = f"95% CI [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] points"
+    if diff.sd < 1e-9 and abs(diff.mean) >= 1e-9:  # float noise aside, no spread
+        # Accuracies are counts over a finite test set: with few seeds every seed can move
+        # by the same few images, and zero spread gives a zero-width interval. Say so.
+        interval += "; every seed differs by the same amount, so the spread is unknown: add seeds"
     if diff.low > 0:
         return f"better ({interval})"
     if diff.high < 0:

@@ -40,6 +40,10 @@ def test_verdicts_follow_the_interval() -> None:
     unclear = paired.verdict(paired.paired_difference([0.5, 0.6, 0.4], [0.55, 0.5, 0.45]))
     assert unclear.startswith("no detectable difference at 3 seeds (95% CI [")
     assert paired.verdict(paired.paired_difference([0.5, 0.6], [0.5, 0.6])).startswith("no ")
+    # Two seeds that differ by the same two test images: zero spread is called out.
+    same = paired.verdict(paired.paired_difference([0.9903, 0.9847], [0.9847, 0.9791]))
+    assert "the spread is unknown: add seeds" in same
+    assert "add seeds" not in paired.verdict(paired.paired_difference([0.9, 0.8], [0.5, 0.45]))
 
 
 def test_paired_difference_needs_two_pairs() -> None:
