@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -20,9 +22,10 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # `python -m bake_ray.train` logs to MLflow (default ./mlflow.db): runs made in the test
 # process write to a scratch database instead of the checkout.
-os.environ.setdefault(
-    "MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='bake_ray_mlflow_')}/mlflow.db"
-)
+if "MLFLOW_TRACKING_URI" not in os.environ:
+    _SCRATCH_MLFLOW = tempfile.mkdtemp(prefix="bake_ray_mlflow_")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH_MLFLOW}/mlflow.db"
+    atexit.register(shutil.rmtree, _SCRATCH_MLFLOW, ignore_errors=True)  # leave /tmp as found
 
 
 @pytest.fixture(scope="session")
