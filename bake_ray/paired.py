@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
+#: The difference (a fraction: 0.003 = 0.3 points) a "cannot tell" verdict says how many seeds
+#: would resolve: about what separates the methods compared in the BAKE paper's tables.
+RESOLVE = 0.003
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,20 @@ def verdict(diff: PairedDifference) -> str:
         return f"better ({interval})"
     if diff.high < 0:
         return f"worse ({interval})"
-    return f"no detectable difference at {diff.n} seeds ({interval})"
+    return f"no detectable difference at {diff.n} seeds ({interval}{seeds_needed_note(diff)})"
+
+
+def seeds_needed_note(diff: PairedDifference) -> str:
+    """How many seeds this spread would need for a +-RESOLVE interval (empty when unknown)."""
+    if diff.sd < 1e-9:
+        return ""
+    needed = seeds_for_half_width(diff.sd, RESOLVE)
+    points = f"+-{100 * RESOLVE:.1f} points"
+    if needed is None:
+        return f"; {points} would need over 1000 seeds at this spread"
+    if needed <= diff.n:
+        return ""
+    return f"; {points} would need about {needed} seeds at this spread"
 
 
 def seeds_for_half_width(sd: float, target: float, confidence: float = CONFIDENCE) -> int | None:

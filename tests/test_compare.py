@@ -60,6 +60,16 @@ def test_seeds_for_half_width() -> None:
     assert paired.t_quantile(n - 1) * 0.004 / math.sqrt(n - 1) > 0.003 or n == 2
 
 
+def test_cannot_tell_verdict_says_how_many_seeds_would_resolve_a_third_of_a_point() -> None:
+    # differences of sd 0.5 points over 3 seeds: +-0.3 needs about 13 seeds
+    diff = paired.paired_difference([0.870, 0.866, 0.875], [0.869, 0.868, 0.870])
+    text = paired.verdict(diff)
+    needed = paired.seeds_for_half_width(diff.sd, paired.RESOLVE)
+    assert text.startswith("no detectable difference at 3 seeds")
+    assert f"+-0.3 points would need about {needed} seeds at this spread" in text
+    assert needed is not None and needed > 3
+
+
 # --------------------------------------------------------------------------- arms and matching
 
 
