@@ -18,6 +18,7 @@ ARMS: dict[str, dict[str, Any]] = {
         "bake.temperature": 4.0,
         "bake.omega": 0.5,
         "bake.loss_weight": 1.0,
+        "bake.affinity_temperature": 1.0,  # the paper's affinity, whatever the config says
     },
     "ce": {"method": "ce"},
     "ce_standard": {"method": "ce", "data.same_class": 0},

@@ -73,6 +73,15 @@ def test_cannot_tell_verdict_says_how_many_seeds_would_resolve_a_third_of_a_poin
 # --------------------------------------------------------------------------- arms and matching
 
 
+def test_bake_paper_is_the_paper_even_from_a_config_with_a_tuned_tau() -> None:
+    base = cfg.load(None, ["bake.temperature=2", "bake.affinity_temperature=0.1"])
+    paper = compare.arm_values(base, "bake_paper", "bake_paper", [], "images").values["bake"]
+    assert (paper["temperature"], paper["omega"], paper["loss_weight"]) == (4.0, 0.5, 1.0)
+    assert paper["affinity_temperature"] == 1.0
+    tuned = compare.arm_values(base, "bake", "bake", [], "images").values["bake"]
+    assert tuned["affinity_temperature"] == 0.1 and tuned["temperature"] == 2.0
+
+
 def test_ce_standard_trains_m_plus_one_times_the_epochs_under_images_matching() -> None:
     base = cfg.load(None, ["epochs=6", "data.same_class=1", "optim.warmup_epochs=1"])
     arm = compare.arm_values(base, "ce_standard", "ce_standard", [], "images")
