@@ -74,8 +74,12 @@ def verdict(diff: PairedDifference) -> str:
     interval = f"95% CI [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] points"
     if diff.sd < 1e-9 and abs(diff.mean) >= 1e-9:  # float noise aside, no spread
         # Accuracies are counts over a finite test set: with few seeds every seed can move
-        # by the same few images, and zero spread gives a zero-width interval. Say so.
-        interval += "; every seed differs by the same amount, so the spread is unknown: add seeds"
+        # by the same few images, and zero spread gives a zero-width interval that excludes
+        # 0 without telling anything about seed-to-seed noise. No verdict on it.
+        return (
+            f"no detectable difference at {diff.n} seeds (every seed differs by "
+            f"{100 * diff.mean:+.2f} points, so the spread is unknown: add seeds)"
+        )
     if diff.low > 0:
         return f"better ({interval})"
     if diff.high < 0:

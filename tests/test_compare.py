@@ -36,12 +36,13 @@ def test_paired_difference_is_scipys_one_sample_t_interval() -> None:
 
 def test_verdicts_follow_the_interval() -> None:
     assert paired.verdict(paired.paired_difference([0.9, 0.8], [0.5, 0.45])).startswith("better")
-    assert paired.verdict(paired.paired_difference([0.1, 0.2], [0.5, 0.6])).startswith("worse")
+    assert paired.verdict(paired.paired_difference([0.1, 0.25], [0.5, 0.6])).startswith("worse")
     unclear = paired.verdict(paired.paired_difference([0.5, 0.6, 0.4], [0.55, 0.5, 0.45]))
     assert unclear.startswith("no detectable difference at 3 seeds (95% CI [")
     assert paired.verdict(paired.paired_difference([0.5, 0.6], [0.5, 0.6])).startswith("no ")
     # Two seeds that differ by the same two test images: zero spread is called out.
     same = paired.verdict(paired.paired_difference([0.9903, 0.9847], [0.9847, 0.9791]))
+    assert same.startswith("no detectable difference at 2 seeds (every seed differs by +0.56")
     assert "the spread is unknown: add seeds" in same
     assert "add seeds" not in paired.verdict(paired.paired_difference([0.9, 0.8], [0.5, 0.45]))
 
