@@ -121,11 +121,30 @@ def separability_line(rows: list[TrialRow]) -> str:
         f"the runner-up ({usable[1].best_val_acc:.4f}) is below the leader's 95% interval "
         f"[{low:.4f}, {high:.4f}] on {leader.val_n} validation images"
     )
-    if usable[1].val_n <= 0:
-        return line
-    d_low, d_high = difference_interval(leader, usable[1])
-    verdict = "excludes 0" if d_low > 0 else "still includes 0"
-    return f"{line}; the margin's 95% interval [{d_low:+.4f}, {d_high:+.4f}] {verdict}"
+    if usable[1].val_n > 0:
+        d_low, d_high = difference_interval(leader, usable[1])
+        verdict = "excludes 0" if d_low > 0 else "still includes 0"
+        line += f"; the margin's 95% interval [{d_low:+.4f}, {d_high:+.4f}] {verdict}"
+    return line + stopped_early_note(usable)
+
+
+def stopped_early_note(usable: list[TrialRow]) -> str:
+    """Says when the trials behind the leader trained fewer epochs than it did.
+
+    An early-stopped trial's best accuracy comes from its last rung, so the margin above
+    compares unequal training: it shows the trial was behind at that epoch, not that it
+    would have stayed behind.
+    """
+    leader, behind = usable[0], usable[1:]
+    shorter = [r for r in behind if 0 < r.epochs < leader.epochs]
+    if not shorter or usable[1] not in shorter:
+        return ""
+    most = max(r.epochs for r in shorter)
+    who = "the runner-up" if len(shorter) == 1 else f"the runner-up and {len(shorter) - 1} more"
+    return (
+        f"; but {who} stopped early (at most {most} of the leader's {leader.epochs} epochs): "
+        "behind at that epoch, which is not a comparison of finished trials"
+    )
 
 
 def tie_note(rows: list[TrialRow]) -> str | None:

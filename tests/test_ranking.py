@@ -55,6 +55,23 @@ def test_the_summary_says_when_the_leader_is_not_separable() -> None:
     assert ranking.separability_line(near).endswith("still includes 0")  # below, yet unsure
 
 
+def test_the_summary_says_when_the_trials_behind_were_stopped_early() -> None:
+    # ASHA stopped everyone behind the leader at epoch 2 of 8: the margin is not between
+    # finished trials, and the sentence says so.
+    rows = ranking.rank(
+        [row("lead", 0.88, 0.5, n=4000, epochs=8)]
+        + [row(f"s{i}", 0.80 - i / 100, 0.9, n=4000, epochs=2, status="stopped") for i in range(3)]
+    )
+    line = ranking.separability_line(rows)
+    assert "excludes 0; but the runner-up and 2 more stopped early" in line
+    assert line.endswith(
+        "(at most 2 of the leader's 8 epochs): behind at that epoch, "
+        "which is not a comparison of finished trials"
+    )
+    finished = ranking.rank([row("a", 0.88, 0.5, n=4000), row("b", 0.80, 0.5, n=4000)])
+    assert "stopped early" not in ranking.separability_line(finished)
+
+
 def test_description_names_winner_runner_up_and_margin_interval() -> None:
     rows = ranking.rank([row("a", 140 / 144, 0.1), row("b", 130 / 144, 0.1)])
     text = ranking.describe(rows)
