@@ -319,4 +319,7 @@ def test_search_trial_killed_and_restarted_by_tune_equals_the_straight_run(
     assert final["config"]["bake"] == straight_local["config"]["bake"]
     assert final["config"]["data"] == straight_local["config"]["data"]
     _assert_same_weights(straight_local, final)
-    _assert_continued_one_of(final, at_kill, at_least=2)
+    # Tune restarts from the newest checkpoint *its driver* has registered. The epoch-2 file
+    # can be on disk before the driver has processed that report (seen under load 9 in CI):
+    # then the trial resumes from epoch 1. Either way it must continue, not start over.
+    _assert_continued_one_of(final, at_kill, at_least=1)
