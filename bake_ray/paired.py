@@ -21,6 +21,7 @@ CONFIDENCE = 0.95
 #: The difference (a fraction: 0.003 = 0.3 points) a "cannot tell" verdict says how many seeds
 #: would resolve: about what separates the methods compared in the BAKE paper's tables.
 RESOLVE = 0.003
+NO_SPREAD = 1e-9  # below this, a spread (or a mean) of accuracy differences is float noise
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def paired_difference(
 def verdict(diff: PairedDifference) -> str:
     """``better`` / ``worse`` when the interval excludes 0, else an honest "cannot tell"."""
     interval = f"95% CI [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}] points"
-    if diff.sd < 1e-9 and abs(diff.mean) >= 1e-9:  # float noise aside, no spread
+    if diff.sd < NO_SPREAD and abs(diff.mean) >= NO_SPREAD:
         # Accuracies are counts over a finite test set: with few seeds every seed can move
         # by the same few images, and zero spread gives a zero-width interval that excludes
         # 0 without telling anything about seed-to-seed noise. No verdict on it.
@@ -89,7 +90,7 @@ def verdict(diff: PairedDifference) -> str:
 
 def seeds_needed_note(diff: PairedDifference) -> str:
     """How many seeds this spread would need for a +-RESOLVE interval (empty when unknown)."""
-    if diff.sd < 1e-9:
+    if diff.sd < NO_SPREAD:
         return ""
     needed = seeds_for_half_width(diff.sd, RESOLVE)
     points = f"+-{100 * RESOLVE:.1f} points"

@@ -135,10 +135,10 @@ def stopped_early_note(usable: list[TrialRow]) -> str:
     compares unequal training: it shows the trial was behind at that epoch, not that it
     would have stayed behind.
     """
-    leader, behind = usable[0], usable[1:]
-    shorter = [r for r in behind if 0 < r.epochs < leader.epochs]
-    if not shorter or usable[1] not in shorter:
+    leader = usable[0]
+    if not 0 < usable[1].epochs < leader.epochs:
         return ""
+    shorter = [r for r in usable[1:] if 0 < r.epochs < leader.epochs]
     most = max(r.epochs for r in shorter)
     who = "the runner-up" if len(shorter) == 1 else f"the runner-up and {len(shorter) - 1} more"
     return (

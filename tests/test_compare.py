@@ -62,7 +62,7 @@ def test_seeds_for_half_width() -> None:
 
 
 def test_cannot_tell_verdict_says_how_many_seeds_would_resolve_a_third_of_a_point() -> None:
-    # differences of sd 0.5 points over 3 seeds: +-0.3 needs about 13 seeds
+    # differences of sd 0.35 points over 3 seeds: +-0.3 needs about 8 seeds
     diff = paired.paired_difference([0.870, 0.866, 0.875], [0.869, 0.868, 0.870])
     text = paired.verdict(diff)
     needed = paired.seeds_for_half_width(diff.sd, paired.RESOLVE)
