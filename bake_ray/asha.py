@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
-from bake_ray.search_record import read_text, write_text
+from bake_ray.storage import read_text, write_text
 
 STATE_FILE = "bake_ray_asha.state"  # JSON, but not .json: see search_record.RECORD_FILE
 

@@ -50,8 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from bake_ray import config as cfg
+from bake_ray import storage as storage_fs
 from bake_ray.compare_plan import ARMS, BASELINE, PLAN_FILE, Arm, Plan, plan_payload
 from bake_ray.config import ConfigError
+from bake_ray.search_record import BEST_CONFIG_FILE
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -66,7 +68,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", type=Path, help="training config YAML (default: built-in)")
+    source.add_argument(
+        "--config", type=cfg.config_location, help="training config YAML, a path or a "
+        "storage URI (default: built-in)"
+    )
     source.add_argument("--search", help="a search name in --storage: use its best_config.yaml")
     source.add_argument("--recheck", metavar="SEARCH", help="retrain a search's top trials")
     parser.add_argument("--top", type=int, default=3, help="with --recheck: trials to retrain")
@@ -97,7 +102,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_training_config(path: Path, overrides: list[str], flag: str = "--config") -> cfg.Config:
+def load_training_config(
+    path: str | Path, overrides: list[str], flag: str = "--config"
+) -> cfg.Config:
     """A training config; a search-space file (or a missing one) is refused by name."""
     try:
         raw = cfg.read_yaml(path)
@@ -116,15 +123,13 @@ def load_training_config(path: Path, overrides: list[str], flag: str = "--config
 
 def _base_config(args: argparse.Namespace, storage: str) -> tuple[cfg.Config, str]:
     if args.search:
-        path = Path(storage) / args.search / "best_config.yaml"
-        if "://" in storage:  # a search on remote storage writes it in its working directory
-            path = Path.cwd() / f"best_config-{args.search}.yaml"
-        if not path.is_file():
+        location = storage_fs.join(storage, args.search, BEST_CONFIG_FILE)
+        if storage_fs.read_text(location) is None:
             raise ConfigError(
-                f"--search {args.search}: no best_config.yaml in {path.parent} "
-                "(a finished search in --storage writes one)"
+                f"--search {args.search}: no {location} (a search in --storage {storage} "
+                "writes it when it finishes; a search elsewhere needs its --storage)"
             )
-        return load_training_config(path, args.overrides, "--search"), str(path)
+        return load_training_config(location, args.overrides, "--search"), location
     if args.config:
         return load_training_config(args.config, args.overrides), str(args.config)
     try:
@@ -210,7 +215,7 @@ def plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--seeds: must be >= 2 (a paired interval needs 2), got {args.seeds}")
     if args.cpus_per_trial <= 0 or args.max_concurrent < 0:
         raise ConfigError("--cpus-per-trial must be > 0 and --max-concurrent >= 0")
-    from bake_ray.search_record import resolve_storage
+    from bake_ray.storage import resolve_storage
 
     storage = resolve_storage(args.storage)
     if args.recheck:
@@ -261,7 +266,7 @@ def plan(args: argparse.Namespace) -> Plan:
 
 def _check_same_plan(p: Plan) -> None:
     """A ``--name`` reused for a different comparison would mix two experiments' trials."""
-    from bake_ray.search_record import read_text
+    from bake_ray.storage import read_text
 
     stored = read_text(f"{p.exp_path}/{PLAN_FILE}")
     if stored is not None and json.loads(stored) != json.loads(json.dumps(plan_payload(p))):

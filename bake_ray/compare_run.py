@@ -166,7 +166,7 @@ def build_tuner(p: Plan, driver_slot: bool) -> Any:
 
 
 def _write_plan_file(p: Plan) -> None:
-    from bake_ray.search_record import filesystem
+    from bake_ray.storage import filesystem
 
     fs, path = filesystem(p.exp_path)
     fs.create_dir(path, recursive=True)

@@ -23,7 +23,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from bake_ray import registry
+from bake_ray import registry, storage
 from bake_ray.errors import ConfigError  # defined there, imported from here by most modules
 from bake_ray.schema import SCHEMA, Bool, Float, Int, Str, one_line_init, validated
 
@@ -303,12 +303,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping safely; every failure is a one-line :class:`ConfigError`."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    """Read a YAML mapping safely, from a local path or a storage URI (``s3://...``, where
+    a search keeps its ``best_config.yaml``); every failure is a one-line
+    :class:`ConfigError`."""
+    text = _read_text(path)
     try:
         data = safe_load_yaml(text)
     except yaml.YAMLError as exc:
@@ -318,6 +316,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def _read_text(path: str | Path) -> str:
+    if storage.is_remote(path):
+        text = storage.read_text(str(path))
+        if text is None:
+            raise ConfigError(
+                f"{path}: cannot read: no such object, or no access with this machine's "
+                "AWS/cloud credentials"
+            )
+        return text
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def config_location(text: str) -> str | Path:
+    """A ``--config`` value: a local path, or a URI kept as text (``Path`` would fold the
+    ``//`` of ``s3://bucket/key``)."""
+    return text if storage.is_remote(text) else Path(text)
 
 
 def _first_line(exc: Exception) -> str:
@@ -351,6 +370,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return from_dict(values)
 
 
+def dump(config: Config) -> str:
+    """The resolved config as YAML text that ``--config`` reads back to the same config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def save(config: Config, path: str | Path) -> None:
     """Write the resolved config so any run can be reproduced with ``--config``."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(dump(config))

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
@@ -25,50 +23,16 @@ import yaml
 from bake_ray import config as cfg
 from bake_ray import search_space as ss
 from bake_ray.config import ConfigError
+from bake_ray.storage import filesystem, read_text, write_text
 
 # Not .json/.pkl: Tune's restore copies those into its staging folder and uploads them back
 # at its next sync, which would put an old copy over a newer one.
 RECORD_FILE = "bake_ray_search.yaml"
+# A finished search's result, beside it in its storage (local or s3://), where a later
+# `compare --search` or `train --config` finds it from any machine and folder.
+BEST_CONFIG_FILE = "best_config.yaml"
+SUMMARY_FILE = "summary.txt"
 RUNNING, INTERRUPTED, FINISHED = "running", "interrupted", "finished"
-
-
-def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local path or a URI (s3://, gs://, file://)."""
-    if "://" in uri:
-        return pyarrow.fs.FileSystem.from_uri(uri)
-    return pyarrow.fs.LocalFileSystem(), uri
-
-
-def resolve_storage(arg: str | None) -> str:
-    """Where searches and comparisons keep their experiments: ``--storage``, else
-    ``$BAKE_RAY_STORAGE``, else ``./ray_results``; a local path is made absolute."""
-    storage = arg or os.environ.get("BAKE_RAY_STORAGE") or "ray_results"
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
-def read_text(uri: str) -> str | None:
-    """The text of a file, or None when it does not exist or cannot be read."""
-    fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as handle:
-            return handle.read().decode()
-    except (OSError, FileNotFoundError):
-        return None
-
-
-def write_text(uri: str, text: str) -> None:
-    """Write a small file (written whole, then renamed, where the filesystem allows)."""
-    fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        partial = f"{path}.partial"
-        with fs.open_output_stream(partial) as handle:
-            handle.write(text.encode())
-        fs.move(partial, path)
-        return
-    with fs.open_output_stream(path) as handle:
-        handle.write(text.encode())
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from bake_ray import config as cfg
-from bake_ray import ranking, tracking
+from bake_ray import ranking, storage, tracking
+from bake_ray import search_record as rec
 from bake_ray import search_space as ss
 from bake_ray.mlflow_runs import SearchTracker
 from bake_ray.ranking import TrialRow
@@ -245,14 +246,14 @@ def _finish(tracker: SearchTracker, p: Plan, rows: list[TrialRow], exp_path: str
     print("\n" + table + "\n", flush=True)
     out = _scratch_dir(p.name, "summary")
     (out / "trials.txt").write_text(table + "\n")
+    storage.write_text(storage.join(exp_path, rec.SUMMARY_FILE), table + "\n")
     tracker.log_search_artifact(out / "trials.txt", "summary")
     usable = [r for r in rows if r.status != "error"]
     if usable:
         best = usable[0]
         config = best_config(p, best)
-        best_path = _best_config_path(exp_path)
-        cfg.save(config, best_path)
-        tracker.log_search_artifact(best_path, "summary")
+        best_path = store_best_config(config, exp_path, out)
+        tracker.log_search_artifact(out / rec.BEST_CONFIG_FILE, "summary")
         tracker.log_best(
             best.trial_id,
             cfg.to_dict(config),
@@ -294,16 +295,31 @@ def _best_metrics(row: TrialRow) -> dict[str, float]:
     return {"val_acc_lo": low, "val_acc_hi": high, "val_n": float(row.val_n)}
 
 
-def _train_hint(p: Plan, tracker: SearchTracker, best_path: Path, in_process: bool) -> str:
-    """How to train the winner from where the user is: on a cluster, a job whose config
-    comes from MLflow (the search's files stay on the cluster) and that trains on a worker
-    node (one Ray Train worker, not in the job's process on the head); here, this
-    interpreter. Either way its MLflow run is a child of the search's parent run."""
+def store_best_config(config: cfg.Config, exp_path: str, scratch: Path) -> str:
+    """Write the winner's config beside the search in its storage (local or ``s3://``),
+    where ``compare --search`` and ``train --config`` find it from any folder or machine,
+    and a copy in ``scratch`` for MLflow. Returns where it is stored."""
+    text = cfg.dump(config)
+    (scratch / rec.BEST_CONFIG_FILE).write_text(text)
+    location = storage.join(exp_path, rec.BEST_CONFIG_FILE)
+    storage.write_text(location, text)
+    return location
+
+
+def _train_hint(p: Plan, tracker: SearchTracker, best_path: str, in_process: bool) -> str:
+    """How to train the winner from where the user is: on a cluster, a job that trains on a
+    worker node (one Ray Train worker, not in the job's process on the head) and reads the
+    config from the search's storage when that is an object store, else from MLflow (the
+    head's disk is not the user's); here, this interpreter. Either way its MLflow run is a
+    child of the search's parent run."""
     mlflow = f"--tracking-uri {p.tracking_uri} --parent-run-id {tracker.parent_run_id}"
     if not p.joined:
         return f"{_python()} -m bake_ray.train --config {best_path} {mlflow}"
-    fetch = tracking.download_hint(p.tracking_uri, tracker.parent_run_id, "summary", best_path)
-    config = best_path.name if fetch else best_path  # else: the storage is the cluster's own
+    fetch = None
+    if not storage.is_remote(best_path):
+        local = Path(best_path)
+        fetch = tracking.download_hint(p.tracking_uri, tracker.parent_run_id, "summary", local)
+    config = Path(best_path).name if fetch else best_path  # else: the job can read it
     submit = (
         "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
         f"python -m bake_ray.train --config {config}{' --workers 1' if in_process else ''} {mlflow}"
@@ -318,13 +334,6 @@ def _python() -> str:
     if found and Path(found).absolute() == Path(sys.executable).absolute():
         return "python"
     return sys.executable
-
-
-def _best_config_path(exp_path: str) -> Path:
-    """Beside the experiment when it is local; in the working directory otherwise."""
-    if "://" in exp_path:
-        return Path.cwd() / f"best_config-{Path(exp_path).name}.yaml"
-    return Path(exp_path) / "best_config.yaml"
 
 
 def upload_study_plots(tracker: SearchTracker, study: optuna.Study, out_dir: Path) -> list[str]:

@@ -93,7 +93,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cfg.ArgumentParser(
         prog="python -m bake_ray.train", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", type=Path, help="YAML config (defaults: digits, small CNN)")
+    parser.add_argument(
+        "--config",
+        type=cfg.config_location,
+        help="YAML config, a path or a storage URI such as a search's "
+        "s3://.../best_config.yaml (default: digits, small CNN)",
+    )
     cfg.add_override_argument(parser, "override a config value by dotted key, e.g. bake.omega=0.7")
     parser.add_argument("--workers", type=int, help="0 = this process; N = N Ray Train workers")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
@@ -114,11 +119,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _refuse_search_file(path: Path | None) -> None:
+def _refuse_search_file(path: str | Path | None) -> None:
     """A search-space file has ``space:``; ``cfg.load`` would only say 'unknown key'."""
-    if path is None or not path.is_file():
+    if path is None:
         return
-    raw = cfg.read_yaml(path)
+    try:
+        raw = cfg.read_yaml(path)
+    except ConfigError:
+        return  # cfg.load reports what is wrong with it, as for any config
     if isinstance(raw, dict) and "space" in raw:
         raise ConfigError(
             f"--config {path}: this is a search-space file; run it with "

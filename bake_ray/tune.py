@@ -27,6 +27,7 @@ import pyarrow.fs
 from bake_ray import config as cfg
 from bake_ray import search_record as rec
 from bake_ray import search_space as ss
+from bake_ray import storage as storage_fs
 from bake_ray import tracking
 from bake_ray.config import ConfigError
 from bake_ray.datafiles import check_data_available, input_shape
@@ -81,7 +82,7 @@ def find_experiment(storage: str, space: ss.SearchSpace, name: str | None, resum
     """The experiment name: given, the newest of this space when resuming, or a new one."""
     if name or not resume:
         return name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    fs, root = rec.filesystem(storage)
+    fs, root = storage_fs.filesystem(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     mine = sorted(i.base_name for i in infos if i.base_name.startswith(f"{space.name}-"))
     if not mine:
@@ -126,7 +127,7 @@ def _check_no_searched_override(space: ss.SearchSpace, overrides: list[str]) -> 
 
 def plan(args: argparse.Namespace) -> Plan:
     """Validate the whole search before any Ray, MLflow run or training starts."""
-    storage = rec.resolve_storage(args.storage)
+    storage = storage_fs.resolve_storage(args.storage)
     overrides = _overrides(args)
     if args.resume:
         p = _plan_resume(args, storage, overrides)

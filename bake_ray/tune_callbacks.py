@@ -20,7 +20,7 @@ from bake_ray import config as cfg
 from bake_ray import tracking
 from bake_ray.checkpoint import CHECKPOINT_FILE, METRICS_FILE
 from bake_ray.mlflow_runs import SearchTracker
-from bake_ray.search_record import filesystem
+from bake_ray.storage import filesystem
 from bake_ray.summary import _SCRATCH, Outcome, _param_summary, accuracy_interval, trial_outcome
 from bake_ray.trial import resolved_trial_config
 

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 
 import pytest
+import servers
 from system_packages import pytest_runtest_makereport  # noqa: F401  (the CI skip hook)
 
 # Set before Ray or MLflow are imported anywhere in the test session.
@@ -45,64 +46,9 @@ def ray_local():
 # --------------------------------------------------------------------------- MLflow server
 
 
-def _free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `mlflow server` (sqlite backend, proxied artifacts) for the session; yields its URI.
-
-    It runs in its own process group so that its uvicorn worker and job runner end with it.
-    """
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
+    """A real `mlflow server` (sqlite backend, proxied artifacts) for the session: its URI."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+    with servers.mlflow_server(root, str(root / "artifacts")) as uri:
         yield uri
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
