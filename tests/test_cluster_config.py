@@ -18,6 +18,7 @@ that write `~/.bake-ray.env` are run in a temporary HOME to see the environment 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 AWS_FILE = REPO / "cluster.yaml"
 ONPREM_FILE = REPO / "cluster-onprem.yaml"
 DOCS_FILE = REPO / "docs" / "CLUSTER.md"
+SETUP_IAM = REPO / "cluster" / "iam" / "setup_iam.py"
 FILES = {"aws": AWS_FILE, "onprem": ONPREM_FILE}
 
 ENV_FILE = "~/.bake-ray.env"
@@ -431,6 +433,29 @@ def test_aws_workers_scale_from_zero(prepared):
     assert len(images) == 1 and None not in images
     for name, node_type in workers.items():
         assert "IamInstanceProfile" in node_type["node_config"], name
+
+
+def _setup_iam_names(cluster_name: str) -> Any:
+    spec = importlib.util.spec_from_file_location("setup_iam", SETUP_IAM)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.Names(cluster_name, "bucket", "prefix", "us-west-2", "123456789012"), module
+
+
+def test_aws_profiles_are_the_ones_setup_iam_makes(prepared, envs):
+    """The head wears the profile that may launch workers, the workers the one that may only
+    use the bucket prefix; the names and the prefix are those cluster/iam/setup_iam.py
+    makes by default (Ray's own ray-autoscaler-v1 cannot pass a role to the workers)."""
+    config = prepared["aws"]
+    names, module = _setup_iam_names(config["cluster_name"])
+    profiles = {name: t["node_config"]["IamInstanceProfile"]
+                for name, t in config["available_node_types"].items()}
+    head = config["head_node_type"]
+    assert profiles.pop(head) == {"Name": names.head}
+    assert profiles and all(p == {"Name": names.worker} for p in profiles.values()), profiles
+    bucket_uri = envs["aws", "worker"]["BAKE_RAY_S3"]
+    assert bucket_uri.split("/", 3)[3] == module.parse_args(["--bucket", "b"]).prefix
 
 
 def test_aws_storage_is_s3(prepared, envs):
