@@ -28,6 +28,7 @@ from bake_ray.datafiles import (
     fashion_mnist_root,
     image_size_of,
 )
+from bake_ray.fetch import fetch_cifar, fetch_fashion_mnist
 
 Transform = Callable[[Any], Any]
 
@@ -253,9 +254,11 @@ def _digits() -> _Source:
 
 def _fashion_mnist(cfg: DataConfig) -> _Source:
     """Fashion-MNIST via torchvision's own reader; standard crop + flip augmentation."""
-    root = str(fashion_mnist_root(cfg))
-    pool = datasets.FashionMNIST(root, train=True, download=cfg.download)
-    test = datasets.FashionMNIST(root, train=False, download=cfg.download)
+    root = fashion_mnist_root(cfg)
+    if cfg.download:
+        fetch_fashion_mnist(root)
+    pool = datasets.FashionMNIST(root, train=True)
+    test = datasets.FashionMNIST(root, train=False)
     labels = pool.targets.clone().long()
     return _crop_flip_source(pool, labels, test, _FASHION_STATS, 10, in_channels=1, size=28, pad=2)
 
@@ -298,9 +301,11 @@ def _cifar(
     stats: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> _Source:
     """CIFAR-10/100 via torchvision (which verifies the md5 of every batch file)."""
-    root = str(cifar_root(cfg, cls))
-    pool = cls(root, train=True, download=cfg.download)
-    test = cls(root, train=False, download=cfg.download)
+    root = cifar_root(cfg, cls)
+    if cfg.download:
+        fetch_cifar(root, cls)
+    pool = cls(root, train=True)
+    test = cls(root, train=False)
     labels = torch.tensor(pool.targets, dtype=torch.long)
     return _crop_flip_source(pool, labels, test, stats, num_classes, in_channels=3, size=32, pad=4)
 
