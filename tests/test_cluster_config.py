@@ -544,10 +544,12 @@ def test_docs_ray_commands_exist_in_installed_ray():
             assert (REPO / cluster_file).is_file(), cluster_file
     expected = {("up",), ("dashboard",), ("job", "submit"), ("job", "logs"), ("attach",), ("down",)}
     assert expected <= set(parsed), sorted(expected - set(parsed))
-    [submit] = parsed["job", "submit"]
-    assert submit["address"] == f"http://{LOOPBACK}:8265"
-    assert submit["working_dir"] == "."
-    assert list(submit["entrypoint"][:4]) == ["python", "-m", "bake_ray.tune", "--config"]
+    for submit in parsed["job", "submit"]:  # every job goes through the forwarded port
+        assert submit["address"] == f"http://{LOOPBACK}:8265"
+        assert submit["working_dir"] == "."
+    entrypoints = [list(submit["entrypoint"][:4]) for submit in parsed["job", "submit"]]
+    assert ["python", "-m", "bake_ray.tune", "--config"] in entrypoints
+    assert ["python", "-m", "bake_ray.compare", "--search"] in entrypoints
     assert any(p["follow"] for p in parsed["job", "logs"])
     assert any(5000 in p["port_forward"] for p in parsed[("attach",)])
 
