@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.bake-ray-installed
 ARGS ?=
 
-.PHONY: install tune train test lint ui bench clean
+.PHONY: install tune train test test-fast lint ui bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q --timeout=900 $(ARGS)
+
+test-fast: lint  # the tier without Ray clusters, servers or full runs (tests marked slow)
+	$(BIN)/python -m pytest -q --timeout=900 -m "not slow" $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -19,15 +19,20 @@ from pathlib import Path
 
 import torch
 
-from bake_ray import checkpoint as ckpt
-from bake_ray import config as cfg
-from bake_ray import train_tracking
-from bake_ray.config import Config, ConfigError
-from bake_ray.datafiles import check_data_available, input_shape
-from bake_ray.engine import Context, DivergenceError, fit, lr_factor
-from bake_ray.models import check_model_available
-from bake_ray.rundir import append_metrics, atomic_copy, epochs_done, format_progress, save_best
-from bake_ray.tracking import TrackingError
+from bake_ray.core import checkpoint as ckpt
+from bake_ray.core import config as cfg
+from bake_ray.core.config import Config, ConfigError
+from bake_ray.core.datafiles import check_data_available, input_shape
+from bake_ray.core.engine import Context, DivergenceError, fit, lr_factor
+from bake_ray.core.models import check_model_available
+from bake_ray.core.rundir import (
+    append_metrics,
+    atomic_copy,
+    epochs_done,
+    format_progress,
+    save_best,
+)
+from bake_ray.tracking import TrackingError, train_run
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
@@ -115,7 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the extra epochs at its final lr (otherwise a changed epochs is refused)",
     )
     parser.add_argument("--address", help="Ray cluster address for --workers N (default: local)")
-    train_tracking.add_arguments(parser)
+    train_run.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -242,7 +247,7 @@ def prepare_run_dir(config: Config, resume_dir: Path | None) -> Path:
 def _run(config: Config, run_dir: Path, resume: Path | None, address: str | None) -> list[dict]:
     if config.runtime.workers == 0:
         return run_local(config, run_dir, resume)
-    from bake_ray.raytrain import run_workers
+    from bake_ray.scale.raytrain import run_workers
 
     history = run_workers(config, run_dir, address)
     if history and history[-1].get("diverged"):
@@ -256,11 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, resume = resolve_config(args)
         preflight(config, resume)
         if config.runtime.workers > 0:
-            from bake_ray.raytrain import check_cluster_fits
+            from bake_ray.scale.raytrain import check_cluster_fits
 
             check_cluster_fits(config, args.address)
         run_dir = prepare_run_dir(config, args.resume)
-        mlflow_run = train_tracking.TrainRun.open(args, config, run_dir)
+        mlflow_run = train_run.TrainRun.open(args, config, run_dir)
     except (ConfigError, ckpt.CheckpointError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -31,7 +31,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from bake_ray.bake import (
+from bake_ray.core.bake import (
     DEFAULT_TOL,
     affinity,
     build_loss,
@@ -41,9 +41,9 @@ from bake_ray.bake import (
     propagate_neumann,
     soft_targets,
 )
-from bake_ray.config import OptimConfig
-from bake_ray.engine import Context, RunState, build_optimizer, train_one_epoch
-from bake_ray.models import MODEL_NAMES, build_model
+from bake_ray.core.config import OptimConfig
+from bake_ray.core.engine import Context, RunState, build_optimizer, train_one_epoch
+from bake_ray.core.models import MODEL_NAMES, build_model
 from bench.common import (
     CLOCKS,
     add_output_args,

@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from bake_ray import config as cfg
-from bake_ray.engine import Context, RunState, build_state, train_one_epoch
+from bake_ray.core import config as cfg
+from bake_ray.core.engine import Context, RunState, build_state, train_one_epoch
 from bench.common import (
     CLOCKS,
     add_output_args,

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from bake_ray.config import DATASETS, METHODS, MODELS, Config, from_dict
-from bake_ray.engine import Context, fit
+from bake_ray.core.config import DATASETS, METHODS, MODELS, Config, from_dict
+from bake_ray.core.engine import Context, fit
 from bench.common import (
     add_output_args,
     block_key,

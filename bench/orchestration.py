@@ -52,9 +52,9 @@ from typing import Any
 import torch
 import yaml
 
-from bake_ray import config as cfg
-from bake_ray import tune as bake_tune
-from bake_ray.engine import Context, fit
+from bake_ray.core import config as cfg
+from bake_ray.core.engine import Context, fit
+from bake_ray.tune import cli as bake_tune
 from bench.common import (
     add_output_args,
     command_line,
@@ -296,7 +296,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     """Start bake-ray's local Ray unless one is running already (the tests' fixture)."""
     import ray
 
-    from bake_ray.raystart import init_ray
+    from bake_ray.scale.raystart import init_ray
 
     started = not ray.is_initialized()
     if started:

@@ -33,11 +33,11 @@ import ray
 import ray.train
 import torch
 
-from bake_ray import checkpoint as ckpt
-from bake_ray.config import Config, from_dict
-from bake_ray.engine import Context, fit
-from bake_ray.raystart import init_ray
-from bake_ray.raytrain import absolute_paths, build_trainer
+from bake_ray.core import checkpoint as ckpt
+from bake_ray.core.config import Config, from_dict
+from bake_ray.core.engine import Context, fit
+from bake_ray.scale.raystart import init_ray
+from bake_ray.scale.raytrain import absolute_paths, build_trainer
 from bench.common import (
     add_output_args,
     command_line,

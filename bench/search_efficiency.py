@@ -47,8 +47,8 @@ from typing import Any
 import optuna
 import torch
 
-from bake_ray import search_space as ss
-from bake_ray import tune as bake_tune
+from bake_ray.core import search_space as ss
+from bake_ray.tune import cli as bake_tune
 from bench.common import (
     add_output_args,
     command_line,

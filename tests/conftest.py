@@ -35,7 +35,7 @@ def ray_local():
     TRAIN_DRIVER resource for trials that only drive a Ray Train worker group."""
     import ray
 
-    from bake_ray.raystart import init_ray, ray_keeps_its_temp_files
+    from bake_ray.scale.raystart import init_ray, ray_keeps_its_temp_files
 
     with ray_keeps_its_temp_files():  # Ray's own pymp-* folders: in Ray's temp dir, not /tmp
         init_ray(None, num_cpus=2)

@@ -7,7 +7,7 @@ together really overlap, and counts how many times the whole archive was sent.
 
 Run as a script (``python download_helpers.py SPEC ROOT READY GO``) it is one racer: it
 imports everything, says it is ready, waits for the go file, then loads the data through
-bake-ray's own :func:`bake_ray.data.build_splits` and prints a digest of what it saw.
+bake-ray's own :func:`bake_ray.core.data.build_splits` and prints a digest of what it saw.
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def splits_digest(splits: Any) -> str:
 
 def _race(spec_path: str, root: str, ready: str, go: str) -> None:
     point_torchvision_at(json.loads(Path(spec_path).read_text()))
-    from bake_ray.config import DataConfig
-    from bake_ray.data import build_splits
+    from bake_ray.core.config import DataConfig
+    from bake_ray.core.data import build_splits
 
     cfg = DataConfig(
         dataset="cifar100", data_dir=root, download=True, batch_size=4, val_fraction=0.25

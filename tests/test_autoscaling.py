@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from multinode_helpers import RAY, AutoscalingCluster, wait_for, write_digits_space
 from test_multinode import search_runs
 
-from bake_ray import config as cfg
+from bake_ray.core import config as cfg
 
 RUN_TIMEOUT_S = 480
 IDLE_REMOVAL_TIMEOUT_S = 120  # idle_timeout_minutes=0.1 and a 1 s autoscaler loop

@@ -8,7 +8,7 @@ What runs for real:
   instance-type fill-out, schema validation, `bootstrap_aws`) as the operator identity, Ray's
   `AWSNodeProvider.create_node` for the head (operator) and for gpu1 and gpu8 (head role),
   then the head's stop / reuse / terminate / tag calls and `ray down`'s terminate.
-- bake-ray's own S3 code (`bake_ray.search_record.write_text`, pyarrow) as the worker role.
+- bake-ray's own S3 code (`bake_ray.tune.record.write_text`, pyarrow) as the worker role.
 
 What moto enforces once `/moto-api/reset-auth` sets its no-auth request count to 0 (read in
 moto 5.2.5, moto/iam/access_control.py and moto/core/authorization.py): every request must be
@@ -688,7 +688,7 @@ def test_s3_inside_the_prefix_only(world, endpoint, role):
 def _bake_ray_write(creds: dict[str, str], uri: str) -> subprocess.CompletedProcess:
     """bake-ray's own S3 path (pyarrow: create_dir, multipart write, read back), in a fresh
     process that sees only the role's credentials, as a node would."""
-    code = ("import sys; from bake_ray.search_record import write_text, read_text; "
+    code = ("import sys; from bake_ray.core.storage import write_text, read_text; "
             "write_text(sys.argv[1], 'hello'); print(read_text(sys.argv[1]))")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
            "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"],

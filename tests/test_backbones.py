@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from bake_ray import config
-from bake_ray.config import ConfigError, DataConfig
-from bake_ray.data import build_splits
-from bake_ray.datafiles import input_shape
-from bake_ray.engine import Context, build_state, setup_model, train_one_epoch
-from bake_ray.models import build_model, check_model_available, is_convolutional
-from bake_ray.registry import check_model_name
-from bake_ray.weights import load_weights
+from bake_ray.core import config
+from bake_ray.core.config import ConfigError, DataConfig
+from bake_ray.core.data import build_splits
+from bake_ray.core.datafiles import input_shape
+from bake_ray.core.engine import Context, build_state, setup_model, train_one_epoch
+from bake_ray.core.models import build_model, check_model_available, is_convolutional
+from bake_ray.core.registry import check_model_name
+from bake_ray.core.weights import load_weights
 
 CPU = Context(torch.device("cpu"))
 
@@ -154,7 +154,7 @@ def test_input_shape_matches_the_loaded_data() -> None:
 
 
 def test_channels_last_default_is_for_convolutional_models() -> None:
-    from bake_ray.models import wants_channels_last
+    from bake_ray.core.models import wants_channels_last
 
     cnn, vit = build_model("timm/test_resnet", 3, 3, 32), build_model("timm/test_vit", 3, 3, 32)
     assert is_convolutional(cnn) and not is_convolutional(vit)

@@ -15,10 +15,10 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bake_ray import checkpoint as ckpt
-from bake_ray import config as cfg
 from bake_ray import train as bake_train
-from bake_ray import tune as bake_tune
+from bake_ray.core import checkpoint as ckpt
+from bake_ray.core import config as cfg
+from bake_ray.tune import cli as bake_tune
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 CLASSES = ("circle", "square", "stripes")

@@ -23,10 +23,10 @@ import torch
 import yaml
 from reliability_helpers import child_env, free_port, tree_snapshot
 
-from bake_ray import checkpoint as ckpt
-from bake_ray import config as cfg
-from bake_ray import search_space as ss
-from bake_ray.config import ConfigError
+from bake_ray.core import checkpoint as ckpt
+from bake_ray.core import config as cfg
+from bake_ray.core import search_space as ss
+from bake_ray.core.config import ConfigError
 
 #: A valid search file: cases that are not about the space itself start from it.
 GOOD_SPACE = """

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bake_ray.bake import (
+from bake_ray.core.bake import (
     BakeLoss,
     LossParts,
     affinity,
@@ -296,7 +296,7 @@ def test_invalid_tau_rejected_naming_the_key(tau):
 
 
 def test_bake_loss_and_config_carry_tau():
-    from bake_ray import config as cfg
+    from bake_ray.core import config as cfg
 
     config = cfg.load(overrides=["bake.affinity_temperature=0.1"])
     assert config.bake.affinity_temperature == 0.1 and cfg.load().bake.affinity_temperature == 1.0
@@ -465,9 +465,9 @@ def _one_batch(world: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train_step_worker(rank: int, world: int, port: int, on: bool, out_dir: str) -> None:
     """One real training step through the engine (DDP model, BAKE loss, optimizer step)."""
-    from bake_ray import config as cfg
-    from bake_ray.engine import Context, build_state, train_one_epoch
-    from bake_ray.epoch import unwrapped
+    from bake_ray.core import config as cfg
+    from bake_ray.core.engine import Context, build_state, train_one_epoch
+    from bake_ray.core.epoch import unwrapped
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -490,7 +490,7 @@ def _train_step_worker(rank: int, world: int, port: int, on: bool, out_dir: str)
 
 def _kd_of_two_process_step(tmp_path: Path, on: bool) -> tuple[float, float]:
     """(KD the engine reported, KD of single-process BakeLoss on the concatenated batch)."""
-    from bake_ray.models import build_model, to_channels_last
+    from bake_ray.core.models import build_model, to_channels_last
 
     out = tmp_path / ("on" if on else "off")
     out.mkdir()

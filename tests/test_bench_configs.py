@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bake_ray import config as cfg
-from bake_ray import search_space as ss
+from bake_ray.core import config as cfg
+from bake_ray.core import search_space as ss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bake_ray.bake import affinity, propagate
+from bake_ray.core.bake import affinity, propagate
 
 # bench/ is not part of the installed package (only bake_ray is); make it importable the
 # way `python -m bench.NAME` from the repository root does, whatever runs pytest.

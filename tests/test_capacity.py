@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bake_ray import capacity, tracking
-from bake_ray.capacity import Capacity, Need, NodeType
-from bake_ray.config import ConfigError
+from bake_ray import tracking
+from bake_ray.core.config import ConfigError
+from bake_ray.scale import capacity, pending
+from bake_ray.scale.capacity import Capacity, Need, NodeType
 
 HEAD = {"CPU": 0.0, "TRAIN_DRIVER": 32.0, "node:__internal_head__": 1.0, "memory": 8e9}
 SHIPPED = {  # cluster.yaml, with the CPUs and GPUs `ray up` fills in from the instance types
@@ -124,21 +125,21 @@ def test_train_runs_use_ray_trains_default_worker_resources() -> None:
 
 
 def test_waiting_line_names_the_pending_trials_and_their_need() -> None:
-    assert capacity.waiting_line([]) is None
+    assert pending.waiting_line([]) is None
     one_gpu = [{"CPU": 1.0, "GPU": 1.0}]
-    assert capacity.waiting_line([one_gpu, one_gpu]) == (
+    assert pending.waiting_line([one_gpu, one_gpu]) == (
         "waiting for the autoscaler: 2 trials pending (need CPU: 1, GPU: 1 each)"
     )
     workers = [{"CPU": 1.0}, {"CPU": 1.0}]
-    assert capacity.waiting_line([workers]) == (
+    assert pending.waiting_line([workers]) == (
         "waiting for the autoscaler: 1 trial pending (need 2 x CPU: 1 each)"
     )
 
 
 def test_the_waiting_line_is_said_at_most_every_30_s(monkeypatch: pytest.MonkeyPatch) -> None:
     said: list[str] = []
-    monkeypatch.setattr(capacity, "_pending_bundles", lambda: {"pg": [{"CPU": 1.0}]})
-    watcher = capacity.PendingWatcher(say=said.append)
+    monkeypatch.setattr(pending, "_pending_bundles", lambda: {"pg": [{"CPU": 1.0}]})
+    watcher = pending.PendingWatcher(say=said.append)
     for now in (0.0, 1.0, 29.0, 30.0, 45.0, 61.0):
         watcher.poll(now)
     assert len(said) == 3  # at 0, 30 and 61 s

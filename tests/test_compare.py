@@ -14,9 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from bake_ray import compare, paired
-from bake_ray import config as cfg
-from bake_ray.config import ConfigError
+from bake_ray.compare import cli as compare
+from bake_ray.compare import paired
+from bake_ray.core import config as cfg
+from bake_ray.core.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -306,7 +307,7 @@ def test_report_pairs_by_seed_and_states_its_rules() -> None:
     did not finish is left out of the pairing and listed."""
     from types import SimpleNamespace
 
-    from bake_ray import compare_report as report
+    from bake_ray.compare import report
 
     base = cfg.load(None, ["epochs=3"])
     arms = [compare.arm_values(base, k, k, [], "images") for k in ("ce", "ce_standard")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from bake_ray import config as cfg
-from bake_ray.config import Config, ConfigError
+from bake_ray.core import config as cfg
+from bake_ray.core.config import Config, ConfigError
 
 
 def test_defaults_are_valid_and_paper_bake_values():
@@ -180,10 +180,10 @@ def test_schema_errors_name_the_key_the_range_and_the_value(override, message):
 
 
 def test_names_come_from_one_registry():
-    """Datasets, methods and built-in models are listed once, in bake_ray.registry."""
+    """Datasets, methods and built-in models are listed once, in bake_ray.core.registry."""
     import typing
 
-    from bake_ray import registry
+    from bake_ray.core import registry
 
     assert cfg.DATASETS is registry.DATASETS and cfg.METHODS is registry.METHODS
     assert cfg.MODELS is registry.BUILTIN_MODELS

@@ -1,4 +1,4 @@
-"""Tests for bake_ray.data: the class-aware sampler's invariants and every dataset's splits.
+"""Tests for bake_ray.core.data: the class-aware sampler's invariants and every dataset's splits.
 
 No downloads: digits ships with scikit-learn, Fashion-MNIST comes from the Debian package if
 installed, and CIFAR / ImageFolder are tested on tiny fake data written in the real formats.
@@ -18,10 +18,10 @@ from PIL import Image
 from system_packages import missing
 from torchvision import datasets
 
-from bake_ray import data, datafiles
-from bake_ray.config import ConfigError, DataConfig
-from bake_ray.data import build_splits
-from bake_ray.sampler import ClassAwareBatchSampler, build_loaders
+from bake_ray.core import data, datafiles
+from bake_ray.core.config import ConfigError, DataConfig
+from bake_ray.core.data import build_splits
+from bake_ray.core.sampler import ClassAwareBatchSampler, build_loaders
 
 # --------------------------------------------------------------------------- sampler helpers
 

@@ -29,10 +29,10 @@ from download_helpers import (
 )
 from torchvision import datasets
 
-from bake_ray import datafiles
-from bake_ray.config import DataConfig
-from bake_ray.data import build_splits
-from bake_ray.fetch import idx_complete
+from bake_ray.core import datafiles
+from bake_ray.core.config import DataConfig
+from bake_ray.core.data import build_splits
+from bake_ray.core.fetch import idx_complete
 
 HELPER = Path(__file__).with_name("download_helpers.py")
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bake_ray.bake import build_loss
-from bake_ray.config import OptimConfig
-from bake_ray.engine import Context, DivergenceError, RunState, build_optimizer, train_one_epoch
+from bake_ray.core.bake import build_loss
+from bake_ray.core.config import OptimConfig
+from bake_ray.core.engine import (
+    Context,
+    DivergenceError,
+    RunState,
+    build_optimizer,
+    train_one_epoch,
+)
 
 HOST_READS = ("aten._local_scalar_dense.default", "aten._linalg_check_errors.default")
 CPU = Context(torch.device("cpu"))
@@ -45,7 +51,7 @@ class HostReads(TorchDispatchMode):
 
 
 def make_state(method: str, solver: str = "auto", seed: int = 0) -> RunState:
-    from bake_ray.models import build_model
+    from bake_ray.core.models import build_model
 
     torch.manual_seed(seed)
     model = build_model("small_cnn", 10, 1, 8)
@@ -197,8 +203,8 @@ class RecordingReporter:
 
 
 def test_fit_passes_intra_epoch_progress_to_the_reporter_when_asked():
-    from bake_ray import config as cfg
-    from bake_ray.engine import fit
+    from bake_ray.core import config as cfg
+    from bake_ray.core.engine import fit
 
     overrides = ["epochs=1", "data.train_subset=128", "data.batch_size=16"]
     quiet, chatty = RecordingReporter(), RecordingReporter()

@@ -25,8 +25,8 @@ from reliability_helpers import (
     write_space,
 )
 
-from bake_ray import config as cfg
-from bake_ray.engine import lr_factor
+from bake_ray.core import config as cfg
+from bake_ray.core.engine import lr_factor
 
 EPOCHS = 4
 #: Four trials one after the other (so ASHA sees results in one order), ASHA from epoch 1.
@@ -214,8 +214,8 @@ def test_ctrl_c_in_train_then_resume_with_more_epochs_keeps_the_schedule(tmp_pat
 def test_resume_picks_the_newest_unfinished_search_whatever_its_space(tmp_path: Path) -> None:
     """Beside the real runs above: which stored search ``--resume`` takes, and the one-line
     reason a differing setting is refused."""
-    from bake_ray import search_record as rec
-    from bake_ray import search_space as ss
+    from bake_ray.core import search_space as ss
+    from bake_ray.tune import record as rec
 
     space = ss.parse(SPACE)
     other = ss.parse({**SPACE, "name": "other", "seed": 3})
@@ -247,7 +247,7 @@ def test_asha_rungs_and_decisions_survive_unpickling(tmp_path: Path) -> None:
     import pickle
     from types import SimpleNamespace
 
-    from bake_ray.asha import ResumableASHA
+    from bake_ray.tune.asha import ResumableASHA
 
     def make() -> ResumableASHA:
         return ResumableASHA(

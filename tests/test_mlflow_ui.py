@@ -148,7 +148,8 @@ def test_compare_view_shows_every_trial_with_its_bake_params(
         pytest.skip(missing("chromium", f"{CHROMIUM} not found; apt-get install chromium"))
     from mlflow.tracking import MlflowClient
 
-    from bake_ray import tracking, tune
+    from bake_ray import tracking
+    from bake_ray.tune import cli as tune
 
     suffix = uuid.uuid4().hex[:8]
     space_name, search_name = f"ui-compare-{suffix}", f"ui-search-{suffix}"

@@ -1,4 +1,4 @@
-"""Tests for bake_ray.models: the (features, logits) contract, shapes, gradients, errors."""
+"""Tests for bake_ray.core.models: the (features, logits) contract, shapes, gradients, errors."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bake_ray import config
-from bake_ray.config import ConfigError, DataConfig
-from bake_ray.data import build_splits
-from bake_ray.models import MODEL_NAMES, build_model
-from bake_ray.sampler import build_loaders
+from bake_ray.core import config
+from bake_ray.core.config import ConfigError, DataConfig
+from bake_ray.core.data import build_splits
+from bake_ray.core.models import MODEL_NAMES, build_model
+from bake_ray.core.sampler import build_loaders
 
 # name, in_channels, image_size, feature dim: small inputs keep every case well under a second.
 CASES = [

@@ -33,7 +33,7 @@ from multinode_helpers import (
     write_digits_space,
 )
 
-from bake_ray import checkpoint as ckpt
+from bake_ray.core import checkpoint as ckpt
 
 SEARCH_TIMEOUT_S = 600  # two 2-worker trials take ~1 min alone, several on a loaded 2-core box
 DRIVER_CLASSES = ("ImplicitFunc", "TrainController")  # a Tune trial and its Train controller

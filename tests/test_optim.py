@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bake_ray import config as cfg
-from bake_ray.engine import build_optimizer, lr_factor
+from bake_ray.core import config as cfg
+from bake_ray.core.engine import build_optimizer, lr_factor
 
 
 def _net() -> nn.Module:

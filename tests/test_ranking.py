@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from bake_ray import ranking
-from bake_ray import search_space as ss
-from bake_ray.ranking import TrialRow
-from bake_ray.summary import format_table, study_from_rows
-from bake_ray.tune import DEFAULT_SPACE
+from bake_ray.core import search_space as ss
+from bake_ray.tune import ranking
+from bake_ray.tune.cli import DEFAULT_SPACE
+from bake_ray.tune.ranking import TrialRow
+from bake_ray.tune.summary import format_table, study_from_rows
 
 
 def row(trial_id: str, acc: float, loss: float, n: int = 144, **kw: object) -> TrialRow:

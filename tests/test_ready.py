@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from bake_ray import ready
+from bake_ray.scale import ready
 
 REPO = Path(__file__).resolve().parents[1]
 

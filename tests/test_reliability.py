@@ -41,8 +41,8 @@ from reliability_helpers import (
 )
 from tracking_helpers import trial_run_id
 
-from bake_ray import checkpoint as ckpt
-from bake_ray.mlflow_runs import SearchTracker
+from bake_ray.core import checkpoint as ckpt
+from bake_ray.tracking.search_runs import SearchTracker
 from bake_ray.train import main as train_main
 
 #: A quick trial: 3 epochs of 256 digits (~1-3 s of training on one core).
@@ -369,7 +369,7 @@ def test_mlflow_reply_lost_after_a_write_is_not_logged_twice(
 
 _SAVE_BIG = """
 import sys, torch
-from bake_ray import checkpoint as ckpt
+from bake_ray.core import checkpoint as ckpt
 state = ckpt.load(sys.argv[1])
 state["epoch"] = 3
 state["model"]["zz_padding"] = torch.randn(96 * 1024 * 1024)  # ~400 MB: a slow save

@@ -33,9 +33,9 @@ from reliability_helpers import (
     write_space,
 )
 
-from bake_ray import checkpoint as ckpt
-from bake_ray import config as cfg
-from bake_ray.engine import Context, fit
+from bake_ray.core import checkpoint as ckpt
+from bake_ray.core import config as cfg
+from bake_ray.core.engine import Context, fit
 
 #: Small, quick, and with augmentation on (digits: a random one-pixel shift), so the RNG
 #: state matters; the step schedule makes the LR depend on the epoch too.

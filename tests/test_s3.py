@@ -22,8 +22,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from reliability_helpers import cli_session, table_rows, wait_for
 
-from bake_ray import config as cfg
 from bake_ray import tracking
+from bake_ray.core import config as cfg
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

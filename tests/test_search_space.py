@@ -1,7 +1,7 @@
 """Search files: the shipped ones load, bad ones fail in one line, budgets fit the cluster.
 
 Nothing here starts Ray or trains: a search file is checked completely before Ray starts, so
-every mistake a user can make in one must be caught by :func:`bake_ray.search_space.load`.
+every mistake a user can make in one must be caught by :func:`bake_ray.core.search_space.load`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import yaml
 from system_packages import missing
 
-from bake_ray import search_space as ss
-from bake_ray import tune
-from bake_ray.config import ConfigError
+from bake_ray.core import search_space as ss
+from bake_ray.core.config import ConfigError
+from bake_ray.tune import cli as tune
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
@@ -114,7 +114,7 @@ def test_fashion_mnist_space_is_cpu_friendly() -> None:
 
 def test_fashion_mnist_space_finds_the_debian_package() -> None:
     """With data_dir null the CLI's data check accepts the Debian package's files."""
-    from bake_ray.datafiles import DEBIAN_FASHION_MNIST_DIR, check_data_available
+    from bake_ray.core.datafiles import DEBIAN_FASHION_MNIST_DIR, check_data_available
 
     if not DEBIAN_FASHION_MNIST_DIR.is_dir():
         pytest.skip(missing("dataset-fashion-mnist", "Debian package not installed"))

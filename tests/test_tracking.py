@@ -19,8 +19,6 @@ from reliability_helpers import TcpForwarder
 from tracking_helpers import trial_run_id
 
 from bake_ray import tracking
-from bake_ray.mlflow_runs import SearchTracker
-from bake_ray.summary import upload_study_plots, write_optuna_plots
 from bake_ray.tracking import (
     TrackingError,
     check_tracking_reachable,
@@ -29,6 +27,8 @@ from bake_ray.tracking import (
     epoch_metrics,
     resolve_tracking_uri,
 )
+from bake_ray.tracking.search_runs import SearchTracker
+from bake_ray.tune.summary import upload_study_plots, write_optuna_plots
 
 CONFIG = {
     "seed": 0,
@@ -457,7 +457,7 @@ def test_trial_callback_pickles_without_its_client(tmp_path: Path) -> None:
     and after a restore its tracker finds the same parent run again."""
     import pickle
 
-    from bake_ray.tune_callbacks import MlflowTrialCallback
+    from bake_ray.tune.callbacks import MlflowTrialCallback
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = {"epochs": 3}  # the trials' shared config travels with the callback
@@ -471,7 +471,7 @@ def test_trial_callback_pickles_without_its_client(tmp_path: Path) -> None:
 
 
 def test_trial_outcomes_share_one_vocabulary() -> None:
-    from bake_ray.summary import trial_outcome
+    from bake_ray.tune.summary import trial_outcome
 
     done = trial_outcome({"epoch": 3}, 3)
     assert (done.word, done.status, done.tags) == ("finished", "FINISHED", None)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bake_ray import checkpoint as ckpt
-from bake_ray import config as cfg
-from bake_ray.engine import Context, fit, lr_factor
+from bake_ray.core import checkpoint as ckpt
+from bake_ray.core import config as cfg
+from bake_ray.core.engine import Context, fit, lr_factor
 from bake_ray.train import LocalReporter, main
 
 SMALL = ["epochs=3", "optim.schedule=constant", "data.train_subset=512", "data.batch_size=32"]
@@ -217,7 +217,7 @@ def test_cifar100_recipe_trains_with_three_classmates_per_anchor(tmp_path, monke
     from test_data import _trust_fake_cifar, _write_cifar
     from torchvision import datasets
 
-    from bake_ray import search_space as ss
+    from bake_ray.core import search_space as ss
 
     _write_cifar(tmp_path / "data", datasets.CIFAR100, 100, per_file=400)
     _trust_fake_cifar(tmp_path / "data", datasets.CIFAR100, monkeypatch)
@@ -243,10 +243,11 @@ def test_best_config_of_a_one_worker_search_trains_in_process(tmp_path, monkeypa
     it trains here, without Ray."""
     from types import SimpleNamespace
 
-    from bake_ray import raytrain
-    from bake_ray import search_space as ss
-    from bake_ray.summary import best_config
-    from bake_ray.tune import DEFAULT_SPACE, Plan
+    from bake_ray.core import search_space as ss
+    from bake_ray.scale import raytrain
+    from bake_ray.tune.cli import DEFAULT_SPACE
+    from bake_ray.tune.plan import Plan
+    from bake_ray.tune.summary import best_config
 
     space = ss.load(DEFAULT_SPACE)
     assert space.budget.workers_per_trial == 1

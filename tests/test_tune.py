@@ -8,9 +8,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from bake_ray import config as cfg
-from bake_ray import tune as bake_tune
-from bake_ray.data import build_splits
+from bake_ray.core import config as cfg
+from bake_ray.core.data import build_splits
+from bake_ray.tune import cli as bake_tune
 
 pytestmark = pytest.mark.slow
 

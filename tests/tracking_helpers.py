@@ -1,4 +1,4 @@
-"""Test-only views of what a :class:`bake_ray.mlflow_runs.SearchTracker` wrote, read back
+"""Test-only views of what a :class:`bake_ray.tracking.search_runs.SearchTracker` wrote, read back
 from the server (the tracker itself keeps no API that only tests use)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from bake_ray import tracking
-from bake_ray.mlflow_runs import SearchTracker
+from bake_ray.tracking.search_runs import SearchTracker
 
 
 def trial_run_id(tracker: SearchTracker, trial_id: str) -> str | None:
