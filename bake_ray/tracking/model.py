@@ -39,6 +39,7 @@ from bake_ray import tracking
 from bake_ray.core import checkpoint as ckpt
 from bake_ray.core import serving
 from bake_ray.core.config import Config
+from bake_ray.tracking.search_runs import SearchTracker
 
 log = logging.getLogger("bake_ray.tracking")
 
@@ -72,32 +73,37 @@ def publish(
 
 
 def publish_search_winner(
-    client: MlflowClient, experiment: str, search_id: str, trial_id: str, config: Config,
-    register: bool,
-) -> str | None:  # fmt: skip
+    tracker: SearchTracker, trial_id: str, config: Config, register: bool
+) -> str | None:
     """The search's winner: its trial run's ``checkpoint/`` artifact (uploaded when the
-    trial ended) as a model on that run, registered, alias ``champion`` moved to it."""
-    try:
-        exp = client.get_experiment_by_name(experiment)
-        query = (
-            f"tags.`{tracking.TAG_SEARCH_ID}` = '{search_id}' "
-            f"and tags.`{tracking.TAG_TRIAL_ID}` = '{trial_id}'"
-        )
-        runs = client.search_runs([exp.experiment_id], query, max_results=1)
-        if not runs:
-            raise LookupError(f"no MLflow run of trial {trial_id}")
-        run_id = runs[0].info.run_id
-        scratch = tempfile.mkdtemp(prefix="bake_ray_model_")
-        local = client.download_artifacts(run_id, f"checkpoint/{ckpt.CHECKPOINT_FILE}", scratch)
-    except Exception as err:
-        log.warning("MLflow model of the winner not logged: %s", tracking.first_line(err))
-        return None
+    trial ended) as a model on that run, registered under the experiment's name, alias
+    ``champion`` moved to it."""
+    client, search_id = tracker.client, tracker.search_id
     tags = {tracking.TAG_SEARCH_ID: search_id, tracking.TAG_TRIAL_ID: trial_id}
+    scratch = tempfile.mkdtemp(prefix="bake_ray_model_")
     try:
-        return publish(str(client.tracking_uri), run_id, Path(local), config, experiment,
+        try:
+            experiment = client.get_experiment(tracker.experiment_id).name
+            run_id = _trial_run_id(client, tracker.experiment_id, search_id, trial_id)
+            local = client.download_artifacts(run_id, f"checkpoint/{ckpt.CHECKPOINT_FILE}", scratch)
+        except Exception as err:
+            log.warning("MLflow model of the winner not logged: %s", tracking.first_line(err))
+            return None
+        return publish(tracker.tracking_uri, run_id, Path(local), config, experiment,
                        register=register, champion=True, tags=tags)  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _trial_run_id(client: MlflowClient, experiment_id: str, search_id: str, trial_id: str) -> str:
+    query = (
+        f"tags.`{tracking.TAG_SEARCH_ID}` = '{search_id}' "
+        f"and tags.`{tracking.TAG_TRIAL_ID}` = '{trial_id}'"
+    )
+    runs = client.search_runs([experiment_id], query, max_results=1)
+    if not runs:
+        raise LookupError(f"no MLflow run of trial {trial_id}")
+    return runs[0].info.run_id
 
 
 def _publish(
