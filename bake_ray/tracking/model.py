@@ -115,7 +115,9 @@ def _publish(
     if not register:
         return f"MLflow model: logged on run {run_id} as {model_uri}; registration is off"
     try:
-        version = _version_of(client, name, run_id) or _register(uri, model_uri, name, tags)
+        version = _version_of(client, name, run_id) or _register(
+            client, model_uri, name, run_id, tags
+        )
     except MlflowException as err:
         if not _no_registry(err):
             raise
@@ -189,10 +191,21 @@ def _version_of(client: MlflowClient, name: str, run_id: str) -> str | None:
     return str(max(int(v.version) for v in found)) if found else None
 
 
-def _register(uri: str, model_uri: str, name: str, tags: Mapping[str, str] | None) -> str:
-    with _tracking_uri(uri):
-        version = mlflow.register_model(model_uri, name, await_registration_for=0,
-                                        tags=dict(tags or {}))  # fmt: skip
+def _register(
+    client: MlflowClient, model_uri: str, name: str, run_id: str, tags: Mapping[str, str] | None
+) -> str:
+    """A new version of ``name`` (created if new) from the logged model, through the
+    explicit client (MLflow's fluent ``register_model`` reads the global URI and prints)."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri.removeprefix("models:/")
+    version = client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags=dict(tags or {}), await_creation_for=0,
+        model_id=model_id,
+    )  # fmt: skip
     return str(version.version)
 
 
