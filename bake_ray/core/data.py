@@ -43,6 +43,11 @@ _FASHION_STATS = ((0.2860,), (0.3530,))
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+#: Each dataset's normalisation (mean, std), for models served without this package.
+EVAL_STATS = {
+    "digits": _DIGITS_STATS, "fashion_mnist": _FASHION_STATS, "cifar10": _CIFAR10_STATS,
+    "cifar100": _CIFAR100_STATS, "imagefolder": _IMAGENET_STATS,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- seeds
@@ -203,6 +208,28 @@ def build_splits(cfg: DataConfig, seed: int, *, image_size: int | None = None) -
     )
 
 
+def split_indices(cfg: DataConfig, seed: int) -> dict[str, Tensor]:
+    """The indices each split of a run uses (train and val: into the training pool; test:
+    into the test set), for lineage: equal indices, equal data. Loads the dataset's labels."""
+    source = _load_source(cfg, None)
+    train_idx, val_idx = _train_val_indices(source.pool_labels, cfg, seed)
+    return {"train": train_idx, "val": val_idx, "test": torch.arange(len(source.test))}
+
+
+def raw_test_dataset(cfg: DataConfig) -> Dataset:
+    """The untransformed torchvision test set of fashion_mnist / cifar10 / cifar100."""
+    if cfg.dataset == "fashion_mnist":
+        return datasets.FashionMNIST(fashion_mnist_root(cfg), train=False)
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[cfg.dataset]
+    return cls(cifar_root(cfg, cls), train=False)
+
+
+def digits_test_indices(labels: Tensor) -> Tensor:
+    """The fixed test split of ``digits`` (the same for every run and seed)."""
+    n_test = round(DIGITS_TEST_FRACTION * len(labels))
+    return stratified_sample(labels, n_test, make_rng(DIGITS_TEST_SEED, "digits_test"))
+
+
 def _load_source(cfg: DataConfig, image_size: int | None) -> _Source:
     loaders: dict[str, Callable[[], _Source]] = {
         "digits": _digits,
@@ -230,8 +257,7 @@ def _digits() -> _Source:
     raw = load_digits()
     images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(raw.target, dtype=torch.long)
-    n_test = round(DIGITS_TEST_FRACTION * len(labels))
-    test_idx = stratified_sample(labels, n_test, make_rng(DIGITS_TEST_SEED, "digits_test"))
+    test_idx = digits_test_indices(labels)
     pool_idx = _complement(len(labels), test_idx)
     normalize = transforms.Normalize(*_DIGITS_STATS)
     # A one-pixel shift is the only augmentation that suits 8x8 digits (no flips).

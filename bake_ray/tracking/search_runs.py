@@ -27,6 +27,7 @@ import requests
 from mlflow.exceptions import MlflowException
 
 from bake_ray import tracking
+from bake_ray.tracking import lineage
 from bake_ray.tracking.run_writes import RunWriter
 
 log = logging.getLogger("bake_ray.tracking")
@@ -155,6 +156,7 @@ class SearchTracker(RunWriter):
             run_id = self._run_of(trial_id, run_name)
             self._reopen(self.client.get_run(run_id))
             self._log_params(run_id, _label(trial_id), tracking.config_params(config))
+            lineage.log_split_inputs(self.client, run_id, config)  # warns itself, never raises
 
         self._write(_label(trial_id), f"start {_label(trial_id)}", start, repairable=True)
 

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from bake_ray import tracking
+from bake_ray.core import checkpoint as ckpt
 from bake_ray.core import config as cfg
 
 if TYPE_CHECKING:  # MLflow is imported when a run opens: train.py is imported by Ray
@@ -39,13 +40,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--parent-run-id",
         help="log this run as a child of that MLflow run (e.g. the search that chose it)",
     )
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="log the best checkpoint as an MLflow model on the run, but add no registry version",
+    )
 
 
 class TrainRun:
     """Use as ``with TrainRun.open(args, config, run_dir): history = train(...)``."""
 
-    def __init__(self, client: MlflowClient, run_id: str, run_dir: Path) -> None:
+    def __init__(
+        self, client: MlflowClient, run_id: str, run_dir: Path, register: bool = True
+    ) -> None:
         self.client, self.run_id, self.run_dir = client, run_id, run_dir
+        self.register = register  # the best checkpoint as a new registered model version
         self._logged: set[tuple[str, int]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
@@ -74,11 +83,12 @@ class TrainRun:
             for start in range(0, len(new), tracking.MAX_PARAMS_PER_BATCH):
                 chunk = new[start : start + tracking.MAX_PARAMS_PER_BATCH]
                 client.log_batch(run_id, params=chunk, synchronous=True)
+            _log_lineage(client, run_id, config)
         except (MlflowException, OSError) as err:
             raise tracking.TrackingError(f"MLflow at {uri}: {tracking.first_line(err)}") from None
         (run_dir / RUN_ID_FILE).write_text(run_id + "\n")
         print(f"MLflow run {run_id} at {uri}", flush=True)
-        return cls(client, run_id, run_dir)
+        return cls(client, run_id, run_dir, register=not getattr(args, "no_register", False))
 
     def __enter__(self) -> TrainRun:
         self._thread.start()
@@ -98,6 +108,8 @@ class TrainRun:
             best = self.run_dir / "best"
             if best.is_dir():
                 self.client.log_artifacts(self.run_id, str(best), "checkpoint")
+            if status == "FINISHED" and (best / ckpt.CHECKPOINT_FILE).is_file():
+                self._publish_model(best / ckpt.CHECKPOINT_FILE)
             if status == "FAILED":
                 self.client.set_tag(self.run_id, tracking.TAG_ERROR, str(err)[:4000])
             self.client.set_terminated(self.run_id, status=status)
@@ -105,6 +117,22 @@ class TrainRun:
             log.warning(
                 "MLflow could not end run %s: %s", self.run_id, tracking.first_line(failure)
             )
+
+    def _publish_model(self, checkpoint_file: Path) -> None:
+        """The best checkpoint as an MLflow model, registered under the run's experiment
+        without moving ``champion`` (see :mod:`bake_ray.tracking.model`); never raises."""
+        from bake_ray.tracking.model import publish
+
+        try:
+            run = self.client.get_run(self.run_id)
+            experiment = self.client.get_experiment(run.info.experiment_id).name
+            config = cfg.load(self.run_dir / "config.yaml")
+        except Exception as err:
+            log.warning("MLflow model of run %s not logged: %s", self.run_id,
+                        tracking.first_line(err))  # fmt: skip
+            return
+        publish(self.client.tracking_uri, self.run_id, checkpoint_file, config, experiment,
+                register=self.register, champion=False)  # fmt: skip
 
     def _follow(self) -> None:
         warned = False  # one warning per outage
@@ -143,6 +171,13 @@ class TrainRun:
 
 
 RUN_ID_FILE = "mlflow_run_id"  # in the run folder: a --resume continues the same run
+
+
+def _log_lineage(client: MlflowClient, run_id: str, config: cfg.Config) -> None:
+    """The run's data splits as dataset inputs (imported here: see the MLflow note above)."""
+    from bake_ray.tracking import lineage
+
+    lineage.log_split_inputs(client, run_id, cfg.to_dict(config))  # warns, never raises
 
 
 def _existing_run(run_dir: Path) -> str | None:

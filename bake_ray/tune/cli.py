@@ -75,6 +75,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)",
     )
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="log the winner as an MLflow model on its run, but add no registry version",
+    )
     return parser.parse_args(argv)
 
 
@@ -138,6 +143,7 @@ def plan(args: argparse.Namespace) -> Plan:
     # be starting (a job submitted right after `ray up`): wait for it, boundedly.
     wait_s = tracking.tracking_wait_s() if joined else 0.0
     tracking.wait_for_tracking(uri, wait_s, say=lambda line: print(line, flush=True))
+    p.register = not args.no_register
     return p
 
 

@@ -21,6 +21,7 @@ class Plan:
     tracking_uri: str
     joined: bool = False  # joined an existing cluster (--address / RAY_ADDRESS)
     record: rec.SearchRecord | None = None  # the stored search, when resuming one
+    register: bool = True  # the winner as a new registered model version (--no-register)
 
     @property
     def exp_path(self) -> str:

@@ -21,6 +21,7 @@ from bake_ray.core import config as cfg
 from bake_ray.core import search_space as ss
 from bake_ray.core import storage
 from bake_ray.tracking import RunStatus
+from bake_ray.tracking.model import publish_search_winner
 from bake_ray.tracking.search_runs import SearchTracker
 from bake_ray.tune import ranking
 from bake_ray.tune import record as rec
@@ -259,6 +260,7 @@ def finish_search(tracker: SearchTracker, p: Plan, rows: list[TrialRow], exp_pat
             cfg.to_dict(config),
             {"val_acc": best.best_val_acc, "test_acc": best.test_acc, **_best_metrics(best)},
         )
+        publish_search_winner(tracker, best.trial_id, config, p.register)
         description = ranking.describe(rows, _short)
         tracker.describe_search(f"{description}\n\n[The trials, best first]({view})", best.params)
         upload_study_plots(tracker, study_from_rows(rows, p.space), _scratch_dir(p.name, "optuna"))
