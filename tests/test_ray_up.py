@@ -31,6 +31,9 @@ import wheelhouse
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[1]
+# The client uses the environment running this test (the repository's .venv, or whichever
+# venv a worktree borrows): its `ray` is the user's laptop's.
+CLIENT_BIN = Path(sys.executable).parent
 SHARED = "/mnt/bake-ray"  # BAKE_RAY_SHARED on every host (tests/nshosts.py mounts /mnt)
 RAY_OR_MLFLOW = re.compile(r"ray|mlflow|gcs_server|raylet|uvicorn|gunicorn|huey", re.IGNORECASE)
 SEARCH = ["--name", "rayup", "--set", "budget.num_samples=2", "--set", "budget.max_concurrent=2",
@@ -66,7 +69,7 @@ class Client:
     def __init__(self, hosts: nshosts.Hosts) -> None:
         self.host = hosts.hosts["client"]
         self.env = {
-            "PATH": f"{ROOT / '.venv/bin'}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": f"{CLIENT_BIN}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/opt/ci/hosts/client/home", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
             "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
         }
@@ -93,7 +96,7 @@ class Client:
         return proc
 
     def python(self, code: str, timeout: float = 60) -> str:
-        return self.run([str(ROOT / ".venv/bin/python"), "-c", code], timeout).stdout
+        return self.run([str(CLIENT_BIN / "python"), "-c", code], timeout).stdout
 
     def port_open(self, ip: str, port: int) -> bool:
         code = ("import socket,sys\ns=socket.socket()\ns.settimeout(3)\n"
