@@ -6,9 +6,13 @@ OpenSSH server as the PID namespace's init. So a host has:
 - its own network namespace on a bridge, with one address in a private /24 (and its own
   loopback); only these addresses and loopback ever receive traffic (the on-link default
   route lets Ray find its own address without any packet leaving the bridge);
-- its own home (``/root``) and ``/tmp`` (bind mounts in its mount namespace), so Ray's state
-  files, sessions and venv are per host; a tmpfs on ``/opt`` hides this machine's package
-  folders; ``/mnt`` is the directory all hosts share (the "NFS");
+- one login, :data:`USER` (not root: sshd refuses root), with the same uid on every host
+  and its own home (``/home/bakeuser``) and ``/tmp`` (bind mounts in its mount namespace), so
+  Ray's state files, sessions and venv are per host; the host's ``/etc/passwd`` and
+  ``/etc/group`` are this machine's plus that user, :data:`NFS_OWNER` and the group
+  :data:`SHARE_GROUP` (the user is in it), bound over the originals in the host only; a tmpfs
+  on ``/opt`` hides this machine's package folders, one on ``/root`` its root's home;
+  ``/mnt`` is the directory all hosts share (the "NFS", with numeric owners as NFSv3 has);
 - its own PID namespace: killing its init (sshd) kills every process the host ever ran.
 
 Python 3.11 is this interpreter's installation, mounted at its own path and put on PATH by
@@ -37,6 +41,13 @@ REPO = Path(__file__).resolve().parents[1]  # the repository these tests belong 
 PYTHON_PREFIX = Path(sys._base_executable).resolve().parents[1]  # the real python3.11 install
 TOOLS = ("ip", "unshare", "nsenter", "rsync", "ssh", "ssh-keygen", "tail", "pgrep")
 SSHD = "/usr/sbin/sshd"
+# The cluster's login on the head and the workers: the same name and uid on every host, as
+# NFS with numeric owners needs. NFS_OWNER owns the shared directory (the NFS admin's
+# account), SHARE_GROUP may write it; USER is in SHARE_GROUP. None of them exists on this
+# machine: each host sees them through its own /etc/passwd and /etc/group.
+USER, USER_UID = "bakeuser", 2101
+NFS_OWNER, NFS_OWNER_UID = "nfsowner", 2102
+SHARE_GROUP, SHARE_GID = "bakeshare", 2103
 
 
 def missing_tools() -> list[str]:
@@ -154,8 +165,9 @@ class Hosts:
         (host.dir / "tmp").mkdir(parents=True)
         (host.dir / "tmp").chmod(0o1777)
         ssh = host.home / ".ssh"
-        ssh.mkdir(parents=True)
+        ssh.mkdir(parents=True, mode=0o700)
         shutil.copy(self.key.with_suffix(".pub"), ssh / "authorized_keys")
+        (ssh / "authorized_keys").chmod(0o600)
         (host.home / ".bashrc").write_text(
             f"# python3.11, installed by the admin\nexport PATH={PYTHON_PREFIX}/bin:$PATH\n")
         pip = host.home / ".config/pip"
@@ -165,9 +177,24 @@ class Hosts:
             "disable-pip-version-check = true\n")
         (host.dir / "sshd_config").write_text(
             f"ListenAddress {host.ip}\nPort 22\nHostKey /opt/ci/host_key\nPidFile none\n"
-            "UsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nStrictModes no\nMaxStartups 100\n"
+            "UsePAM no\nPermitRootLogin no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nStrictModes yes\nMaxStartups 100\n"
             "MaxSessions 100\nAllowTcpForwarding yes\nSubsystem sftp internal-sftp\n")
+        if host.name != "client":
+            self._add_accounts(host)
+
+    @staticmethod
+    def _add_accounts(host: Host) -> None:
+        """The host's passwd and group files (bound over /etc's) and its user's home."""
+        (host.dir / "passwd").write_text(Path("/etc/passwd").read_text() + (
+            f"{USER}:x:{USER_UID}:{USER_UID}:bake-ray:/home/{USER}:/bin/bash\n"
+            f"{NFS_OWNER}:x:{NFS_OWNER_UID}:{NFS_OWNER_UID}:NFS admin:/nonexistent:"
+            "/usr/sbin/nologin\n"))
+        (host.dir / "group").write_text(Path("/etc/group").read_text() + (
+            f"{USER}:x:{USER_UID}:\n{NFS_OWNER}:x:{NFS_OWNER_UID}:\n"
+            f"{SHARE_GROUP}:x:{SHARE_GID}:{USER}\n"))
+        for path in [host.home, *host.home.rglob("*")]:
+            os.chown(path, USER_UID, USER_UID, follow_symlinks=False)
 
     def _launch(self, host: Host, client: bool) -> None:
         """Start the host's init: mounts, then sshd (or a sleeper for the client).
@@ -188,7 +215,7 @@ class Hosts:
             f"mount --bind -o ro {self.wheelhouse} /opt/wheelhouse",
             f"mount --rbind {self.root} /opt/ci",
             f"mount --bind {self.shared} /mnt",
-            *([] if client else [f"mount --bind {host.home} /root"]),
+            *([] if client else self._account_mounts(host)),
             # Python where it was installed (its binary finds libpython by that path)
             f"mkdir -p {PYTHON_PREFIX}", f"mount --bind /opt/python3.11 {PYTHON_PREFIX}",
             f"mount --bind {host.dir / 'tmp'} /tmp",
@@ -197,7 +224,7 @@ class Hosts:
         ]
         main = ("exec sleep infinity" if client
                 else f"exec {SSHD} -D -e -f /opt/ci/hosts/{host.name}/sshd_config")
-        script = "set -e; " + "; ".join(mounts) + "; " + main
+        script = "set -e; umask 022; " + "; ".join(mounts) + "; " + main
         log = open(host.dir / "init.log", "w")  # noqa: SIM115 (lives as long as the host)
         host.proc = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--pid", "--fork",
@@ -208,6 +235,18 @@ class Hosts:
         host.init_pid = self._wait_init(host)
         if not client:
             self._wait_ssh(host)
+
+    @staticmethod
+    def _account_mounts(host: Host) -> list[str]:
+        """The user's home at /home/USER. /root is emptied: only the Python mounted into it
+        later, at its path on this machine, which every user may read as a system one."""
+        return [
+            f"mount --bind {host.dir / 'passwd'} /etc/passwd",
+            f"mount --bind {host.dir / 'group'} /etc/group",
+            "mount -t tmpfs -o mode=0755 tmpfs /home",
+            f"mkdir /home/{USER}", f"mount --bind {host.home} /home/{USER}",
+            "mount -t tmpfs -o mode=0755 tmpfs /root",
+        ]
 
     def _wait_init(self, host: Host) -> int:
         """The PID (in this namespace) of the host's init, once its mounts are done."""
@@ -236,10 +275,10 @@ class Hosts:
     # ------------------------------------------------------------------ use
 
     def ssh_cmd(self, host: Host, command: str) -> list[str]:
-        """An ssh command line from the machine itself to `host`, as root."""
+        """An ssh command line from the machine itself to `host`, as :data:`USER`."""
         return ["ssh", "-i", str(self.key), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-                "-o", "BatchMode=yes", f"root@{host.ip}", command]
+                "-o", "BatchMode=yes", f"{USER}@{host.ip}", command]
 
     # ------------------------------------------------------------------ teardown
 

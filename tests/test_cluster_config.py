@@ -480,6 +480,32 @@ def test_onprem_storage_is_shared(envs):
     assert envs["onprem", "head"]["MLFLOW_BACKEND_STORE_URI"].startswith("sqlite:////")
 
 
+@pytest.mark.parametrize("role", ["head", "worker"])
+def test_onprem_setup_checks_the_shared_directory_first(prepared, tmp_path, role):
+    """Before the venv, each node's setup stops in one line when BAKE_RAY_SHARED is missing,
+    and passes, leaving nothing behind, when it can write there. (Unwritable, as a non-root
+    user, is `ray up`'s first try in tests/test_ray_up.py.)"""
+    setup = prepared["onprem"][f"{role}_setup_commands"]
+    [check] = [i for i, c in enumerate(setup) if "mktemp" in c]
+    assert check < min(i for i, c in enumerate(setup) if " -m venv " in c)
+    home, shared = tmp_path / "home", tmp_path / "shared"
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+    def run(directory: Path) -> subprocess.CompletedProcess:
+        (home / ".bake-ray.env").write_text(f"export BAKE_RAY_SHARED={directory}\n")
+        return subprocess.run(["bash", "-c", setup[check]], env=env, capture_output=True,
+                              text=True, timeout=10)
+
+    refused = run(shared)
+    assert refused.returncode == 1
+    assert f"error: BAKE_RAY_SHARED={shared}: user " in refused.stderr
+    assert "writable by ssh_user (docs/CLUSTER.md)" in refused.stderr
+    shared.mkdir()
+    assert run(shared).returncode == 0
+    assert list(shared.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- versions
 
 

@@ -2,12 +2,18 @@
 
 The hosts are Linux namespaces on this machine (tests/nshosts.py): a head, a worker and the
 client the user types on, each with its own address, home, /tmp and processes, sshd on the
-head and the worker, pip pointed at a local wheelhouse. The cluster file is the shipped one
-with only its CHANGE lines edited. Then, as documented: token, `ray up`, the readiness check,
-`ray dashboard`, `ray job submit` of a tiny search, MLflow through an SSH tunnel, `ray down`.
+head and the worker, pip pointed at a local wheelhouse. The cluster's login (`ssh_user`) is
+an ordinary user with no sudo (none is installed) and sshd refuses root. The shared
+directory is what an NFS admin hands out: owned by another account, writable by a group
+`ssh_user` is in, and nothing more than docs/CLUSTER.md asks of it. The cluster file is the
+shipped one with only its CHANGE lines edited. Then, as documented: token, `ray up` (first
+refused in one line while the directory is not writable), the readiness check,
+`ray dashboard`, `ray job submit` of a tiny search, MLflow through `ray attach -p 5000`,
+`ray down`.
 
-Needs root, sshd, rsync and iproute2 (`.ci/run` installs them and sets
-BAKE_RAY_TEST_RAY_UP=1, which turns a missing tool into a failure instead of a skip).
+Needs root, sshd, rsync and iproute2: without them it skips on a developer's machine and
+fails where CI is true (tests/system_packages.py) or BAKE_RAY_TEST_RAY_UP=1 (`.ci/run`
+sets both).
 """
 
 from __future__ import annotations
@@ -26,12 +32,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import nshosts
 import wheelhouse
+from system_packages import missing
 
 # `ray up` installs a venv on every fresh host: longer than the suite's 900 s per test.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[1]
+# The client uses the environment running this test (the repository's .venv, or whichever
+# venv a worktree borrows): its `ray` is the user's laptop's.
+CLIENT_BIN = Path(sys.executable).parent
 SHARED = "/mnt/bake-ray"  # BAKE_RAY_SHARED on every host (tests/nshosts.py mounts /mnt)
+# What cluster-onprem.yaml's setup prints, and `ray up` shows, when ssh_user cannot write there.
+NOT_WRITABLE = f"error: BAKE_RAY_SHARED={SHARED}: user {nshosts.USER} cannot create files there"
 RAY_OR_MLFLOW = re.compile(r"ray|mlflow|gcs_server|raylet|uvicorn|gunicorn|huey", re.IGNORECASE)
 SEARCH = ["--name", "rayup", "--set", "budget.num_samples=2", "--set", "budget.max_concurrent=2",
           "--set", "base.epochs=1", "--set", "base.data.train_subset=256",
@@ -44,7 +56,7 @@ def onprem_config(head: str, worker: str, key: str) -> str:
     edits = [
         (r"head_ip: \S+", f"head_ip: {head}"),
         (r"worker_ips: \[[^]]*\]", f"worker_ips: [{worker}]"),
-        (r"ssh_user: \S+", "ssh_user: root"),
+        (r"ssh_user: \S+", f"ssh_user: {nshosts.USER}"),
         (r"ssh_private_key: \S+", f"ssh_private_key: {key}"),
         (r"BAKE_RAY_SHARED=[^']+", f"BAKE_RAY_SHARED={SHARED}"),
     ]
@@ -66,7 +78,7 @@ class Client:
     def __init__(self, hosts: nshosts.Hosts) -> None:
         self.host = hosts.hosts["client"]
         self.env = {
-            "PATH": f"{ROOT / '.venv/bin'}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": f"{CLIENT_BIN}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/opt/ci/hosts/client/home", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
             "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
         }
@@ -93,28 +105,44 @@ class Client:
         return proc
 
     def python(self, code: str, timeout: float = 60) -> str:
-        return self.run([str(ROOT / ".venv/bin/python"), "-c", code], timeout).stdout
+        return self.run([str(CLIENT_BIN / "python"), "-c", code], timeout).stdout
 
     def port_open(self, ip: str, port: int) -> bool:
         code = ("import socket,sys\ns=socket.socket()\ns.settimeout(3)\n"
                 f"sys.stdout.write(str(s.connect_ex(({ip!r},{port}))))")
         return self.python(code).strip() == "0"
 
-    def wait_port(self, port: int, timeout: float) -> None:
+    def wait_port(self, port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+        """Until the client's `port` answers; fails at once if `proc`, who should open it, ends."""
         deadline = time.monotonic() + timeout
         while not self.port_open("127.0.0.1", port):
+            assert proc.poll() is None, f"exited {proc.returncode}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"nothing listens on the client's {port}"
             time.sleep(1)
 
+    def wait_port_closed(self, port: int, timeout: float) -> None:
+        """Until nothing listens on the client's `port`. It asks `ss`, not connect(): each
+        connection through a forwarded port is an ssh channel, which keeps Ray's shared ssh
+        connection, and so the forward, alive for 10 s more (ControlPersist)."""
+        deadline = time.monotonic() + timeout
+        while self.run(["ss", "-Hltn", f"sport = :{port}"], timeout=30).stdout.strip():
+            assert time.monotonic() < deadline, f"the client's {port} is still forwarded"
+            time.sleep(1)
+
+    @staticmethod
+    def stop(proc: subprocess.Popen) -> None:
+        """End a background command and what it started (its own session) by its PID."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
     def stop_background(self) -> None:
         for proc in self.background:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            self.stop(proc)
 
 
 def mlflow_runs(client: Client) -> list[dict]:
-    """Every run on the head's MLflow server, read through the client's tunnel."""
+    """Every run on the head's MLflow server, read through the client's forwarded port."""
     code = """
 import json, urllib.request
 def post(path, body):
@@ -152,6 +180,36 @@ def trial_nodes(shared: Path) -> dict[str, set[str]]:
     return nodes
 
 
+def root_processes(hosts: nshosts.Hosts) -> dict[str, list[str]]:
+    """Processes on the head or the worker that run as root, sshd aside (the host's init and
+    its per-login monitors): the cluster must need no root anywhere."""
+    found: dict[str, list[str]] = {}
+    for name in ("head", "worker"):
+        for pid, cmd in hosts.hosts[name].processes().items():
+            try:
+                uid = os.stat(f"/proc/{pid}").st_uid
+            except OSError:  # ended meanwhile
+                continue
+            if uid == 0 and not cmd.startswith("sshd"):
+                found.setdefault(name, []).append(cmd)
+    return found
+
+
+def foreign_files(share: Path) -> list[str]:
+    """Files under the shared directory that ssh_user did not create."""
+    return [str(p) for p in share.rglob("*") if p.lstat().st_uid != nshosts.USER_UID]
+
+
+def nfs_export(shared: Path, writable: bool) -> Path:
+    """BAKE_RAY_SHARED as an NFS admin makes it: owned by the admin's account, group
+    SHARE_GROUP (ssh_user is in it), setgid; group-writable only when `writable`."""
+    share = shared / Path(SHARED).name
+    share.mkdir(exist_ok=True)
+    os.chown(share, nshosts.NFS_OWNER_UID, nshosts.SHARE_GID)
+    share.chmod(0o2775 if writable else 0o2755)
+    return share
+
+
 def leftovers(hosts: nshosts.Hosts) -> dict[str, list[str]]:
     """Ray or MLflow processes still running on the head or the worker."""
     left = {}
@@ -171,11 +229,13 @@ def wait_no_leftovers(hosts: nshosts.Hosts, timeout: float) -> dict[str, list[st
 
 
 def test_ray_up_job_mlflow_down_on_namespace_hosts(tmp_path: Path) -> None:
-    missing = nshosts.missing_tools()
-    if missing:
+    lacking = nshosts.missing_tools()
+    if lacking:
+        reason = missing("openssh-server, rsync, iproute2, util-linux, procps, or root",
+                         f"namespace hosts need {', '.join(lacking)}")
         if os.environ.get("BAKE_RAY_TEST_RAY_UP") == "1":
-            pytest.fail(f"cannot build namespace hosts, missing: {missing}")
-        pytest.skip(f"namespace hosts need {missing}")
+            pytest.fail(reason)
+        pytest.skip(reason)
     t_start = time.monotonic()
     wheels = wheelhouse.build()
     timings: dict[str, float] = {}
@@ -189,6 +249,17 @@ def test_ray_up_job_mlflow_down_on_namespace_hosts(tmp_path: Path) -> None:
             client.run(["ray", "get-auth-token", "--generate"], timeout=120)
             client.run(["chmod", "600", "/opt/ci/hosts/client/home/.ray/auth_token"], timeout=30)
 
+            # The admin forgot the group's write bit: `ray up` stops, in one line, before the
+            # venv (so in seconds), and says which directory, which user and where to read.
+            share = nfs_export(hosts.shared, writable=False)
+            refused = client.run(["ray", "up", "-y", cfg], timeout=600, check=False)
+            out = refused.stdout + refused.stderr
+            (tmp_path / "refused.log").write_text(out)
+            assert refused.returncode != 0, out[-3000:]
+            assert NOT_WRITABLE in out, out[-3000:]
+            assert not (head.home / "bake-ray-venv").exists()
+
+            nfs_export(hosts.shared, writable=True)
             t = time.monotonic()
             client.run(["ray", "up", "-y", cfg], timeout=1200)
             timings["ray_up_s"] = time.monotonic() - t
@@ -199,8 +270,9 @@ def test_ray_up_job_mlflow_down_on_namespace_hosts(tmp_path: Path) -> None:
             timings["ready_after_up_s"] = time.monotonic() - t
             assert "ready: 1 worker(s) joined" in ready.stdout + ready.stderr
 
-            client.start(["ray", "dashboard", cfg], tmp_path / "dashboard.log")
-            client.wait_port(8265, timeout=120)
+            log = tmp_path / "dashboard.log"
+            dashboard = client.start(["ray", "dashboard", cfg], log)
+            client.wait_port(8265, 120, dashboard, log)
 
             t = time.monotonic()
             job = client.run(["ray", "job", "submit", "--address", "http://127.0.0.1:8265",
@@ -215,23 +287,34 @@ def test_ray_up_job_mlflow_down_on_namespace_hosts(tmp_path: Path) -> None:
             assert len(nodes) == 2, nodes
             assert all(ips == {worker.ip} for ips in nodes.values()), nodes
 
-            # MLflow on the head, through the documented SSH tunnel.
-            client.start(["ssh", "-i", "/opt/ci/client_key", "-o", "StrictHostKeyChecking=no",
-                          "-o", "UserKnownHostsFile=/dev/null", "-N", "-L",
-                          "5000:127.0.0.1:5000", f"root@{head.ip}"], tmp_path / "tunnel.log")
-            client.wait_port(5000, timeout=60)
-            runs = mlflow_runs(client)
-            tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
-            parents = [r["info"]["run_id"] for r, tg in zip(runs, tags, strict=True)
-                       if "mlflow.parentRunId" not in tg]
-            children = [tg["mlflow.parentRunId"] for tg in tags if "mlflow.parentRunId" in tg]
-            assert len(parents) == 1 and children == parents * 2, (parents, children)
+            # Everything ran as ssh_user: no process of the cluster as root, no file in the
+            # shared directory by anyone else.
+            assert not root_processes(hosts), root_processes(hosts)
+            assert not foreign_files(share), foreign_files(share)[:10]
 
             # Nothing but SSH is reachable on the head's address; no token, no job.
             assert client.port_open(head.ip, 22)
             assert not client.port_open(head.ip, 8265)
             assert not client.port_open(head.ip, 5000)
             assert job_refused_without_token(client) in (401, 403)
+            client.stop(dashboard)
+
+            # MLflow on the head, through README's `ray attach -p 5000` (an interactive shell
+            # on the head, kept open by a stdin nobody writes to), ended by its PID. Ray's ssh
+            # shares one background connection per host (ControlMaster) that holds the
+            # forwarded ports until 10 s after its last session (ControlPersist=10s): the
+            # client's 5000 closes then, with nothing of ours left to end.
+            log = tmp_path / "attach.log"
+            attach = client.start(["ray", "attach", cfg, "-p", "5000"], log)
+            client.wait_port(5000, 120, attach, log)
+            runs = mlflow_runs(client)
+            client.stop(attach)
+            client.wait_port_closed(5000, 60)
+            tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+            parents = [r["info"]["run_id"] for r, tg in zip(runs, tags, strict=True)
+                       if "mlflow.parentRunId" not in tg]
+            children = [tg["mlflow.parentRunId"] for tg in tags if "mlflow.parentRunId" in tg]
+            assert len(parents) == 1 and children == parents * 2, (parents, children)
 
             client.stop_background()
             t = time.monotonic()
