@@ -35,7 +35,7 @@ from bake_ray.tune.plan import Plan
 from bake_ray.tune.search import SearchInterrupted, can_restore, hard_stop, run_search
 from bake_ray.tune.summary import optuna_space  # noqa: F401  (tests and bench: tune.optuna_space)
 
-DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
+DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
 
