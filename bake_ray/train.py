@@ -135,6 +135,8 @@ def _refuse_search_file(path: str | Path | Mapping[str, Any] | None) -> None:
         raw = path if isinstance(path, Mapping) else cfg.read_yaml(path)
     except ConfigError:
         return  # cfg.load reports what is wrong with it, as for any config
+    if isinstance(path, Mapping) and "space" in path:
+        raise ConfigError("config: this dict is a search space (it has 'space'); run it with tune")
     if isinstance(raw, Mapping) and "space" in raw:
         raise ConfigError(
             f"--config {path}: this is a search-space file; run it with "
