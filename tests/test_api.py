@@ -207,7 +207,7 @@ def test_tune_returns_the_ranked_table_and_mlflow_holds_what_the_cli_writes(
 def test_verbose_brings_rays_box_back(tmp_path, ray_local, mlflow_server, capsys):
     argv = ["--storage", str(tmp_path / "s"), "--tracking-uri", mlflow_server, "--verbose",
             "--name", "verbose-search", "--num-samples", "1", "--set", "base.epochs=1",
-            "--set", "scheduler.grace_period=1", "--set", "base.data.train_subset=100"]  # fmt: skip
+            "--set", "scheduler.grace_period=1", "--set", "base.data.train_subset=150"]  # fmt: skip
     assert tune_cli.main(argv) == 0
     out = capsys.readouterr()
     assert "Configuration for experiment" in out.out + out.err
