@@ -22,7 +22,7 @@ train: $(STAMP)
 	$(BIN)/python -m bake_ray.train $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bake_ray tests bench
+	$(BIN)/ruff check bake_ray tests bench examples
 
 test: lint
 	$(BIN)/python -m pytest -q --timeout=900 $(ARGS)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -124,15 +127,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _refuse_search_file(path: str | Path | None) -> None:
+def _refuse_search_file(path: str | Path | Mapping[str, Any] | None) -> None:
     """A search-space file has ``space:``; ``cfg.load`` would only say 'unknown key'."""
     if path is None:
         return
     try:
-        raw = cfg.read_yaml(path)
+        raw = path if isinstance(path, Mapping) else cfg.read_yaml(path)
     except ConfigError:
         return  # cfg.load reports what is wrong with it, as for any config
-    if isinstance(raw, dict) and "space" in raw:
+    if isinstance(path, Mapping) and "space" in path:
+        raise ConfigError("config: this dict is a search space (it has 'space'); run it with tune")
+    if isinstance(raw, Mapping) and "space" in raw:
         raise ConfigError(
             f"--config {path}: this is a search-space file; run it with "
             f"python -m bake_ray.tune --config {path}"
@@ -199,7 +204,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
         overrides.append("runtime.gpu=true")
     if args.resume is None:
         _refuse_search_file(args.config)
-        return cfg.load(args.config, overrides), None
+        return _load(args.config, overrides), None
     saved = args.resume / "config.yaml"
     if not saved.is_file():
         raise ConfigError(
@@ -212,6 +217,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     if latest is None:
         raise ConfigError(f"--resume {args.resume}: no loadable checkpoint under checkpoints/")
     return config, latest
+
+
+def _load(config: str | Path | Mapping[str, Any] | None, overrides: list[str]) -> Config:
+    """A config file or URI, or a config's contents as a dict (the Python API)."""
+    if not isinstance(config, Mapping):
+        return cfg.load(config, overrides)
+    values = json.loads(json.dumps(dict(config)))  # a copy: the caller's dict is left alone
+    for text in overrides:
+        cfg.set_dotted(values, *cfg.parse_override(text))
+    return cfg.from_dict(values)
 
 
 def preflight(config: Config, resume: Path | None) -> None:
@@ -255,34 +270,104 @@ def _run(config: Config, run_dir: Path, resume: Path | None, address: str | None
     return history
 
 
+@dataclass
+class TrainResult:
+    """One run: ``metrics`` has a row per epoch (what ``metrics.jsonl`` holds), selection
+    on validation: ``best_epoch``, ``best_val_acc`` and the test accuracy of that epoch."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    metrics: Any  # pandas.DataFrame
+    best_epoch: int | None
+    best_val_acc: float | None
+    test_acc_at_best_val: float | None
+    mlflow_run_id: str
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the run's checkpoints are kept; ``resume=run_dir`` continues it.
+    Its text is the line the command line prints."""
+
+
+def train(
+    config: str | Path | Mapping[str, Any] | None = None,
+    *,
+    overrides: Mapping[str, Any] | Sequence[str] = (),
+    workers: int | None = None,
+    gpu: bool = False,
+    resume: str | Path | None = None,
+    extend_schedule: bool = False,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    register: bool = True,
+) -> TrainResult:
+    """Train one run and return its per-epoch metrics and best epoch.
+
+    ``config``: a config file or URI, or its contents as a dict (default: digits, small
+    CNN); ``overrides``: dotted keys to values, what ``--set`` takes; the other keywords are
+    the command line's flags (``register=False`` is ``--no-register``). A bad input raises
+    the one-line :class:`ConfigError` the command line prints; a diverged run raises
+    :class:`DivergenceError`; Ctrl-C raises :class:`TrainInterrupted` (a
+    ``KeyboardInterrupt``) with the checkpoints kept.
+    """
+    # The flags by the names argparse gives them: one keyword here is one flag there.
+    args = argparse.Namespace(**locals())
+    args.overrides = cfg.override_texts(overrides)
+    args.resume = None if resume is None else Path(resume)
+    config, checkpoint = resolve_config(args)
+    preflight(config, checkpoint)
+    if config.runtime.workers > 0:
+        from bake_ray.scale.raytrain import check_cluster_fits
+
+        check_cluster_fits(config, args.address)
+    run_dir = prepare_run_dir(config, args.resume)
+    mlflow_run = train_run.TrainRun.open(args, config, run_dir)
+    print(f"run directory: {run_dir}", flush=True)
+    in_main = threading.current_thread() is threading.main_thread()  # signals reach it only
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    try:
+        with mlflow_run:  # ends the MLflow run FINISHED, KILLED or FAILED
+            history = _run(config, run_dir, checkpoint, args.address)
+    except KeyboardInterrupt:
+        raise TrainInterrupted(_interrupted_line(run_dir, config.epochs)) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    print(summary_line(history), flush=True)
+    return _result(config, run_dir, history, mlflow_run.run_id)
+
+
+def _result(config: Config, run_dir: Path, history: list[dict], run_id: str) -> TrainResult:
+    import pandas as pd
+
+    last = history[-1] if history else {}
+    best = last.get("best_epoch")
+    return TrainResult(
+        run_dir=run_dir,
+        config=cfg.to_dict(config),
+        metrics=pd.DataFrame(history),
+        best_epoch=None if best is None else int(best),
+        best_val_acc=last.get("best_val_acc"),
+        test_acc_at_best_val=last.get("test_acc_at_best_val"),
+        mlflow_run_id=run_id,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, call :func:`train` with them, print."""
     args = parse_args(argv)
     try:
-        config, resume = resolve_config(args)
-        preflight(config, resume)
-        if config.runtime.workers > 0:
-            from bake_ray.scale.raytrain import check_cluster_fits
-
-            check_cluster_fits(config, args.address)
-        run_dir = prepare_run_dir(config, args.resume)
-        mlflow_run = train_run.TrainRun.open(args, config, run_dir)
+        train(**vars(args))
     except (ConfigError, ckpt.CheckpointError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"run directory: {run_dir}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        with mlflow_run:  # ends the MLflow run FINISHED, KILLED or FAILED
-            history = _run(config, run_dir, resume, args.address)
     except DivergenceError as err:
         print(f"error: diverged: {err}; lower optim.lr or check the data", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(_interrupted_line(run_dir, config.epochs), file=sys.stderr, flush=True)
+    except TrainInterrupted as stop:
+        print(stop, file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(summary_line(history), flush=True)
     return 0
 
 

@@ -21,7 +21,8 @@ FOREIGN = ("ray", "mlflow", "optuna")
 MAX_LINES = 400
 
 #: part -> the parts it may import (itself included). The levels of docs/ARCHITECTURE.md:
-#: core (1); tracking, scale (2); tune, train (3); compare (4); the ready entry shim.
+#: core (1); tracking, scale (2); tune, train (3); compare (4); the Python API over all
+#: three commands (5); the ready entry shim.
 MAY_IMPORT = {
     "core": {"core"},
     "tracking": {"core", "tracking"},
@@ -30,6 +31,7 @@ MAY_IMPORT = {
     "train": {"core", "tracking", "scale", "train"},
     "compare": {"core", "tracking", "scale", "tune", "compare"},
     "ready": {"scale", "ready"},
+    "api": {"core", "tracking", "scale", "tune", "train", "compare", "api"},
 }
 #: part -> the foreign frameworks it may import: MLflow only in tracking, Optuna only in
 #: the search, Ray in the parts that run on a cluster; the core none of them.
@@ -41,6 +43,7 @@ MAY_USE = {
     "train": set(),
     "compare": {"ray"},
     "ready": set(),
+    "api": set(),
 }
 
 

@@ -203,8 +203,11 @@ def run(p: Plan, address: str | None) -> list[report.TrialResult]:
     return [report.trial_result(r, _arms(p)) for r in grid]
 
 
-def finish(p: Plan, results: list[report.TrialResult], interrupted: bool) -> None:
-    """Table, verdicts and plot, printed and on the parent MLflow run; every run closed."""
+def finish(
+    p: Plan, results: list[report.TrialResult], interrupted: bool
+) -> tuple[report.Summary, str]:
+    """Table, verdicts and plot, printed and on the parent MLflow run; every run closed.
+    Returns the summary and the parent run's id."""
     tracker = SearchTracker(p.experiment, p.name, p.tracking_uri, run_name=p.name)
     summary = report.summarise(p, results)
     text = report.format_report(p, summary)
@@ -227,6 +230,7 @@ def finish(p: Plan, results: list[report.TrialResult], interrupted: bool) -> Non
         f"  open it: {tracking.open_hint(p.tracking_uri, p.joined)}",
         flush=True,
     )
+    return summary, tracker.parent_run_id
 
 
 def unfinished(p: Plan, results: list[report.TrialResult]) -> list[str]:

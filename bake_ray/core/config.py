@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -300,6 +302,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {_first_line(exc)}") from None
     return key.strip(), value
+
+
+def override_texts(overrides: Mapping[str, Any] | Sequence[str]) -> list[str]:
+    """``{"bake.omega": 0.7}`` (the Python API) as the ``key=value`` texts ``--set`` gives,
+    so both are parsed and refused by the same code; texts pass through unchanged.
+    Values are written as JSON, which YAML reads back as the same value and type."""
+    if not isinstance(overrides, Mapping):
+        return [str(text) for text in overrides]
+    return [f"{key}={_yaml_scalar(value)}" for key, value in overrides.items()]
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    # numpy scalars (a value read from a DataFrame) by their Python value; paths as text
+    return json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

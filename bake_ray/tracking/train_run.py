@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-register",
-        action="store_true",
+        dest="register",
+        action="store_false",
         help="log the best checkpoint as an MLflow model on the run, but add no registry version",
     )
 
@@ -88,7 +89,7 @@ class TrainRun:
             raise tracking.TrackingError(f"MLflow at {uri}: {tracking.first_line(err)}") from None
         (run_dir / RUN_ID_FILE).write_text(run_id + "\n")
         print(f"MLflow run {run_id} at {uri}", flush=True)
-        return cls(client, run_id, run_dir, register=not getattr(args, "no_register", False))
+        return cls(client, run_id, run_dir, register=getattr(args, "register", True))
 
     def __enter__(self) -> TrainRun:
         self._thread.start()

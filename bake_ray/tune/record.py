@@ -24,6 +24,7 @@ from bake_ray.core import config as cfg
 from bake_ray.core import search_space as ss
 from bake_ray.core.config import ConfigError
 from bake_ray.core.storage import filesystem, read_text, write_text
+from bake_ray.tune.ranking import TrialRow
 
 # Not .json/.pkl: Tune's restore copies those into its staging folder and uploads them back
 # at its next sync, which would put an old copy over a newer one.
@@ -47,7 +48,9 @@ class SearchRecord:
     status: str = RUNNING
     created: float = field(default_factory=time.time)
     resume_command: str = ""
-    result: dict[str, Any] = field(default_factory=dict)  # table and best config when finished
+    # finished: the summary text and the ranked trials; interrupted: the trials at the stop
+    result: dict[str, Any] = field(default_factory=dict)
+    parent_run_id: str = ""  # the search's MLflow parent run
 
     def search_space(self, overrides: list[str] = ()) -> ss.SearchSpace:
         return ss.parse(self.space, None, list(overrides))
@@ -64,6 +67,15 @@ def resolved_raw(space: ss.SearchSpace) -> dict[str, Any]:
     raw["base"] = cfg.to_dict(space.base)
     raw["name"] = space.name
     return raw
+
+
+def rows_data(rows: list[TrialRow]) -> list[dict[str, Any]]:
+    """The ranked trials as plain data for the record (``load_search`` reads them back)."""
+    return [dataclasses.asdict(row) for row in rows]
+
+
+def rows_from_data(data: list[dict[str, Any]]) -> list[TrialRow]:
+    return [TrialRow(**row) for row in data]
 
 
 def record_uri(exp_path: str) -> str:

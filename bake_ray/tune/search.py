@@ -144,7 +144,7 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
     concurrency = capacity.search_concurrency(p.space, cap, driver_slot)
     tracker = SearchTracker(p.space.name, p.name, p.tracking_uri, run_name=p.name)
     exp_path = p.exp_path
-    record = _start_record(p, address)
+    record = _start_record(p, address, tracker.parent_run_id)
     if resume and can_restore(exp_path):
         print(f"resuming search {p.name} from {exp_path}", flush=True)
         tuner = tune.Tuner.restore(
@@ -174,7 +174,8 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
     summary = io.StringIO()
     with contextlib.redirect_stdout(_Tee(sys.stdout, summary)):
         finish_search(tracker, p, rows, exp_path)
-    record.status, record.result = rec.FINISHED, {"summary": summary.getvalue()}
+    record.status = rec.FINISHED
+    record.result = {"summary": summary.getvalue(), "trials": rec.rows_data(rows)}
     rec.save(exp_path, record)
     return rows
 
@@ -182,12 +183,16 @@ def _run_search(p: Plan, address: str | None, resume: bool) -> list[TrialRow]:
 # --------------------------------------------------------------------------- interruption
 
 
-class SearchInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the search; its state is saved and it can be resumed."""
+class SearchInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the search; its state is saved and it can be resumed.
+
+    A ``KeyboardInterrupt``, so that Ctrl-C in a notebook ends the call as Ctrl-C does;
+    ``result`` (set by :func:`bake_ray.tune.command.tune`) holds the trials at the stop."""
 
     def __init__(self, resume_command: str) -> None:
         super().__init__(resume_command)
         self.resume_command = resume_command
+        self.result: Any = None
 
 
 class _Tee(io.TextIOBase):
@@ -234,6 +239,9 @@ def _interruptible() -> Iterator[threading.Event]:
     installed it, a signal interrupts at once.
     """
     stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals reach the main thread only: a search run from a thread (an
+        return  # API call) is stopped by its caller
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would print Python, not bake-ray
 
     def handler(signum: int, frame: Any) -> None:
@@ -269,8 +277,9 @@ def resume_command(p: Plan, address: str | None) -> str:
     return shlex.join(parts)
 
 
-def _start_record(p: Plan, address: str | None) -> rec.SearchRecord:
-    """Store what this search is before it runs, so any later ``--resume`` can rebuild it."""
+def _start_record(p: Plan, address: str | None, parent_run_id: str) -> rec.SearchRecord:
+    """Store what this search is before it runs, so any later ``--resume`` can rebuild it.
+    A previous stop's trials are dropped: they are Tune's again until this run ends."""
     record = p.record or rec.SearchRecord(
         name=p.name,
         experiment=p.space.name,
@@ -279,6 +288,7 @@ def _start_record(p: Plan, address: str | None) -> rec.SearchRecord:
         space=rec.resolved_raw(p.space),
     )
     record.status, record.resume_command = rec.RUNNING, resume_command(p, address)
+    record.parent_run_id, record.result = parent_run_id, {}
     rec.save(p.exp_path, record)
     p.record = record
     return record
@@ -307,7 +317,7 @@ def _finish_interrupted(
     missing = tracker.close_all("KILLED")
     if missing:
         print(f"warning: MLflow is missing writes of: {', '.join(missing)}", file=sys.stderr)
-    record.status = rec.INTERRUPTED
+    record.status, record.result = rec.INTERRUPTED, {"trials": rec.rows_data(rows)}
     rec.save(p.exp_path, record)
     not_started = p.space.budget.num_samples - len(rows)
     print(
