@@ -79,6 +79,9 @@ def publish_search_winner(
     trial ended) as a model on that run, registered under the experiment's name, alias
     ``champion`` moved to it."""
     client, search_id = tracker.client, tracker.search_id
+    # MLflow draws a progress bar for every download: noise between the table and the
+    # winner's lines. A user who sets the variable keeps their choice.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tags = {tracking.TAG_SEARCH_ID: search_id, tracking.TAG_TRIAL_ID: trial_id}
     scratch = tempfile.mkdtemp(prefix="bake_ray_model_")
     try:
