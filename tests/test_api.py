@@ -112,7 +112,12 @@ def test_load_search_of_nothing_says_where_it_looked(tmp_path) -> None:
 def test_ray_output_goes_to_the_log_file_and_warnings_to_the_terminal(tmp_path, capsys):
     ray_log = logging.getLogger("ray.tune.tune")
     before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    with quiet.ray_output(str(tmp_path / "refused"), "refused"):  # no search, no folder
+        ray_log.info("Started a local Ray instance")
+    assert not (tmp_path / "refused").exists()
     with quiet.ray_output(str(tmp_path / "exp"), "exp") as path:
+        ray_log.info("Started a local Ray instance")  # before the search made its folder
+        (tmp_path / "exp").mkdir()
         assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # Ray's switch: no box, no hints
         ray_log.info("Wrote the latest version of all result files")
         token = "Token authentication is enabled for this Ray cluster"
@@ -121,7 +126,8 @@ def test_ray_output_goes_to_the_log_file_and_warnings_to_the_terminal(tmp_path, 
         logging.getLogger("optuna.storages").info("A new study created in memory")
     assert path == tmp_path / "exp" / "ray.log"
     text, err = path.read_text(), capsys.readouterr().err
-    for line in ("Wrote the latest", "Token authentication", "could not be placed", "new study"):
+    for line in ("Started a local", "Wrote the latest", "Token authentication",
+                 "could not be placed", "new study"):
         assert line in text, line
     assert "could not be placed" in err
     assert "Wrote the latest" not in err and "Token" not in err and "new study" not in err

@@ -51,13 +51,47 @@ class _Terminal(logging.StreamHandler):
         super().emit(record)
 
 
+class _SearchLog(logging.Handler):
+    """Records appended to ``path`` once its folder exists, held until then.
+
+    The search's folder is made when the search starts; a search refused before that (a
+    budget no node type can hold, found when Ray is joined) must leave no folder behind, so
+    the log never creates it. Records of a search that never started are dropped.
+    """
+
+    MAX_HELD = 10_000  # records held before the folder exists (Ray's start-up says a few)
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.INFO)
+        self.path = path
+        self.held: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+        self.setFormatter(logging.Formatter(FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None and self.path.parent.is_dir():
+            self.file = logging.FileHandler(self.path)
+            self.file.setFormatter(self.formatter)
+            for held in self.held:
+                self.file.emit(held)
+            self.held.clear()
+        if self.file is not None:
+            self.file.emit(record)
+        elif len(self.held) < self.MAX_HELD:
+            self.held.append(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
 def log_file_for(exp_path: str, name: str) -> Path:
     """``ray.log`` in the search's folder when local, else a local file named after it."""
     if storage.is_remote(exp_path):
         folder = Path(tempfile.gettempdir()) / "bake_ray_logs"
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{name}.{LOG_FILE}"
-    Path(exp_path).mkdir(parents=True, exist_ok=True)
     return Path(exp_path) / LOG_FILE
 
 
@@ -73,8 +107,7 @@ def ray_output(exp_path: str, name: str, verbose: bool = False) -> Iterator[Path
     path = log_file_for(exp_path, name)
     if storage.is_remote(exp_path):
         print(f"Ray's log: {path}", flush=True)
-    to_file = logging.FileHandler(path)
-    to_file.setFormatter(logging.Formatter(FORMAT))
+    to_file = _SearchLog(path)
     handlers: list[logging.Handler] = [to_file, _Terminal()]
     saved = []
     for logger in map(logging.getLogger, LOGGERS):
